@@ -1,0 +1,200 @@
+"""Sparse Switchable Normalization (Shao et al., "SSN: Learning Sparse Switchable
+Normalization via SparsestMax", CVPR 2019).
+
+``sparsestmax(z, r)`` is the Euclidean projection of the logits ``z`` onto the
+part of the probability simplex at distance >= ``r`` from its centre: first
+``sparsemax(z)`` (projection onto the simplex), then, when the point lies
+closer than ``r`` to the centre ``u`` of the face it lies on, it is pushed
+radially from ``u`` to distance ``r``; when that leaves the simplex it is
+projected onto the smaller face and the remaining radius shrinks by
+Pythagoras. As ``r`` grows from 0 to 1 over training the ratios become
+one-hot (for 3 normalizers, at ``r >= sqrt(2/3)``); once one-hot, a layer's
+ratios are frozen. Everything is tensor arithmetic with a fixed number of
+steps, so the forward pass never synchronises host and device. Rows of a 2-D
+input (mean and variance logits) are projected together.
+
+At the exact centre of a face (all active logits equal) the radial direction
+is undefined and the point is left where sparsemax puts it.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .switchable import SwitchNorm2d
+
+__all__ = ["sparsemax", "sparsestmax", "SparseSwitchNorm2d", "set_ssn_radius"]
+
+_ONE_HOT_TOL = 1e-6
+
+
+def _sparsemax(z: Tensor) -> Tuple[Tensor, Tensor]:
+    """Sparsemax of each row and its support (bool)."""
+    zs, _ = torch.sort(z, dim=-1, descending=True)
+    k = torch.arange(1, z.shape[-1] + 1, dtype=z.dtype, device=z.device)
+    cs = torch.cumsum(zs, -1) - 1.0
+    support = (zs * k > cs).sum(-1, keepdim=True)
+    tau = cs.gather(-1, support - 1) / support
+    p = torch.clamp(z - tau, min=0.0)
+    return p, p > 0
+
+
+def _project_back(g: Tensor, mask: Tensor) -> Tensor:
+    """Vector-Jacobian product of sparsemax: centre ``g`` on the support."""
+    g = torch.where(mask, g, 0.0)
+    return torch.where(mask, g - g.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True), 0.0)
+
+
+def _sparsestmax_forward(z: Tensor, radius: Tensor):
+    """Rows of ``z`` (R, K) -> projections (R, K) and the tape for the backward."""
+    p, mask = _sparsemax(z)
+    tape = [mask]
+    rad2 = radius.to(z.dtype).square().expand(z.shape[0], 1)
+    going = None
+    u_prev = None
+    levels = z.shape[-1] - 1  # each level leaves a face of one dimension less
+    for level in range(levels):
+        active = (p > 0).to(z.dtype)
+        u = active / active.sum(-1, keepdim=True)
+        if u_prev is not None:
+            rad2 = torch.where(going, (rad2 - (u - u_prev).square().sum(-1, keepdim=True))
+                               .clamp_min(0.0), rad2)
+        diff = p - u
+        dist = diff.norm(dim=-1, keepdim=True)
+        # a single-point support has dist 0; at the exact centre the direction is undefined
+        push = (dist > 1e-12) & (dist.square() < rad2)
+        if going is not None:
+            push = push & going
+        dist = dist.clamp_min(1e-12)
+        gain = rad2.sqrt() / dist
+        q = u + diff * gain
+        overshoot = push & (q.min(-1, keepdim=True).values < 0)
+        if level == levels - 1:  # on an edge, projecting onto the simplex is clamping
+            q2, mask2 = q.clamp(0.0, 1.0), q > 0
+        else:
+            q2, mask2 = _sparsemax(q)
+        p = torch.where(push, torch.where(overshoot, q2, q), p)
+        tape.append((push, overshoot, diff / dist, gain, mask2))
+        going = overshoot
+        u_prev = u
+    return p.clamp(0.0, 1.0), tape
+
+
+def _sparsestmax_backward(g: Tensor, tape) -> Tensor:
+    for push, overshoot, direction, gain, mask2 in reversed(tape[1:]):
+        g_in = torch.where(overshoot, _project_back(g, mask2), g)
+        g_in = gain * (g_in - direction * (direction * g_in).sum(-1, keepdim=True))
+        g = torch.where(push, g_in, g)
+    return _project_back(g, tape[0])
+
+
+class _Sparsestmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, radius: Tensor):
+        p, ctx.tape = _sparsestmax_forward(z, radius)
+        return p
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return _sparsestmax_backward(g, ctx.tape), None
+
+
+def sparsemax(z: Tensor) -> Tensor:
+    """Euclidean projection of each row of ``z`` onto the probability simplex
+    (Martins & Astudillo, 2016); differentiable."""
+    return sparsestmax(z, 0.0)
+
+
+def sparsestmax(z: Tensor, radius) -> Tensor:
+    """Project each row of ``z`` onto {p in simplex : ||p - centre|| >= radius};
+    differentiable (vector-Jacobian products written out)."""
+    radius = torch.as_tensor(radius, dtype=z.dtype, device=z.device)
+    if z.dim() == 1:
+        return _Sparsestmax.apply(z[None], radius)[0]
+    return _Sparsestmax.apply(z, radius)
+
+
+class SparsestRatios:
+    """SSN's ratio function: sparsestmax of both logit vectors, one-hot once frozen."""
+
+    def __init__(self, radius: Tensor, fixed: Tensor):
+        self.radius = radius
+        self.fixed = fixed  # (2, 1) bool: mean, var
+
+    def forward(self, mean_logits: Tensor, var_logits: Tensor) -> Tuple[Tensor, Tensor]:
+        logits = torch.stack([mean_logits, var_logits]).detach()
+        z = logits if logits.dtype == torch.float64 else logits.float()
+        soft, self.tape = _sparsestmax_forward(z, self.radius)
+        frozen = F.one_hot(z.argmax(-1), z.shape[-1]).to(z.dtype)
+        ratios = torch.where(self.fixed, frozen, soft)
+        return ratios[0], ratios[1]
+
+    def backward(self, grad_wm: Tensor, grad_wv: Tensor):
+        g = torch.stack([grad_wm, grad_wv])
+        g = torch.where(self.fixed, torch.zeros_like(g), g)
+        d = _sparsestmax_backward(g, self.tape)
+        return d[0], d[1]
+
+
+class SparseSwitchNorm2d(SwitchNorm2d):
+    """SSN: SwitchNorm2d whose ratios are ``sparsestmax(logits, radius)``.
+
+    Buffers as the authors' SSN layer (``radius``, ``mean_fixed``,
+    ``var_fixed``), so their checkpoints load. Once a ratio vector becomes
+    one-hot in training its flag is set and the one-hot is written into the
+    logits; from then on the layer uses it with no gradient.
+    """
+
+    def __init__(self, num_features: int, *args, **kwargs):
+        super().__init__(num_features, *args, **kwargs)
+        self.register_buffer("radius", torch.zeros(1))
+        self.register_buffer("mean_fixed", torch.zeros(1, dtype=torch.long))
+        self.register_buffer("var_fixed", torch.zeros(1, dtype=torch.long))
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        for name in ("radius", "mean_fixed", "var_fixed"):
+            if hasattr(self, name):
+                getattr(self, name).zero_()
+
+    def set_radius(self, r: float):
+        self.radius.fill_(float(r))
+
+    def _ratio_function(self):
+        if self.hard_ratios:
+            return super()._ratio_function()
+        fixed = torch.cat([self.mean_fixed, self.var_fixed]).bool()[:, None]
+        return SparsestRatios(self.radius[0], fixed)
+
+    @torch.no_grad()
+    def _after_ratios(self, ratios):
+        """Freeze a ratio vector that became one-hot: flag it, write the one-hot into its logits."""
+        if not self.training or self.collecting or ratios[0] is None:
+            return
+        r = torch.stack(ratios)
+        one_hot = (r.max(-1).values - r.min(-1).values) >= 1.0 - _ONE_HOT_TOL
+        fixed = torch.cat([self.mean_fixed, self.var_fixed]).bool()
+        newly = (one_hot & ~fixed)[:, None]
+        hot = F.one_hot(r.argmax(-1), r.shape[-1]).to(self.mean_weight.dtype)
+        logits = torch.stack([self.mean_weight, self.var_weight])
+        logits = torch.where(newly, hot, logits)
+        self.mean_weight.copy_(logits[0])
+        self.var_weight.copy_(logits[1])
+        fixed = (fixed | one_hot).long()
+        self.mean_fixed.copy_(fixed[:1])
+        self.var_fixed.copy_(fixed[1:])
+
+
+@torch.no_grad()
+def set_ssn_radius(model: torch.nn.Module, radius: float) -> int:
+    """Set the sparsestmax radius of every SSN layer (the trainer calls this each
+    iteration with ``radius = progress in [0, 1]``). Returns the number of layers."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, SparseSwitchNorm2d):
+            m.set_radius(radius)
+            n += 1
+    return n

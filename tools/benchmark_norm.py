@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""Forward+backward time of each normalizer at ResNet-50 layer shapes, against BatchNorm2d.
+
+Every layer is timed in training mode (forward, then backward of a fixed
+gradient). Layers take turns in rounds, so they share the machine's drift; in
+each turn a layer runs a short block of steps (the first one unrecorded) so
+that it is measured in its own steady state, as it would run in a training
+loop. The median over all recorded steps is reported, with its ratio to
+``nn.BatchNorm2d`` measured in the same process. ``sn-ref`` is the
+authors' algorithm in plain PyTorch ops (``normalization.reference``).
+
+    python tools/benchmark_norm.py                   # CPU, and CUDA when present
+    python tools/benchmark_norm.py --device cpu --repeats 15 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from normalization import build_norm  # noqa: E402
+from normalization.reference import ReferenceSwitchNorm2d  # noqa: E402
+
+SHAPES = [(32, 64, 56, 56), (32, 256, 56, 56), (32, 512, 28, 28), (8, 1024, 14, 14),
+          (2, 256, 56, 56)]
+NORMS = ["bn", "gn", "in", "ln", "sn", "ssn", "sn-ref"]
+
+
+def make_layer(name: str, channels: int) -> nn.Module:
+    if name == "bn":
+        return nn.BatchNorm2d(channels)
+    if name == "sn-ref":
+        return ReferenceSwitchNorm2d(channels)
+    layer = build_norm(name, channels)
+    if name == "ssn":
+        layer.set_radius(0.3)
+    return layer
+
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+
+def bench_shape(shape, norms, device, mode, warmup, repeats, block=3):
+    """Median fwd+bwd milliseconds of each normalizer at one shape."""
+    dtype_ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if mode == "bf16-cl" \
+        else nullcontext
+    fmt = torch.channels_last if mode == "bf16-cl" else torch.contiguous_format
+    x = torch.randn(shape, device=device).to(memory_format=fmt).requires_grad_()
+    grad = torch.randn(shape, device=device,
+                       dtype=torch.bfloat16 if mode == "bf16-cl" else torch.float32
+                       ).to(memory_format=fmt)
+    layers = {n: make_layer(n, shape[1]).to(device).train() for n in norms}
+
+    def step(layer):
+        def run():
+            x.grad = None
+            with dtype_ctx():
+                y = layer(x)
+            y.backward(grad.to(y.dtype))
+        return run
+
+    timer = Timer(device)
+    times = {n: [] for n in norms}
+    for i in range(warmup + repeats):
+        for n in norms:
+            run = step(layers[n])
+            run()
+            for _ in range(block):
+                t = timer(run)
+                if i >= warmup:
+                    times[n].append(t)
+    return {n: statistics.median(ts) for n, ts in times.items()}
+
+
+def print_table(title, rows, norms):
+    print(f"\n{title}: forward+backward ms (ratio to bn)")
+    head = f"{'shape':>20s} " + " ".join(f"{n:>16s}" for n in norms)
+    print(head)
+    print("-" * len(head))
+    for shape, res in rows:
+        cells = []
+        for n in norms:
+            r = res[n] / res["bn"]
+            cells.append(f"{res[n]:9.2f} ({r:4.2f}x)")
+        print(f"{str(tuple(shape)):>20s} " + " ".join(f"{c:>16s}" for c in cells))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="all", choices=["all", "cpu", "cuda"])
+    ap.add_argument("--norms", default=",".join(NORMS), help="comma-separated, bn first")
+    ap.add_argument("--shapes", default=None,
+                    help="semicolon-separated N,C,H,W (default: the ResNet-50 shapes)")
+    ap.add_argument("--warmup", type=int, default=1, help="unrecorded rounds")
+    ap.add_argument("--repeats", type=int, default=5, help="recorded rounds")
+    ap.add_argument("--block", type=int, default=3, help="recorded steps per turn")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+
+    norms = [n for n in args.norms.split(",") if n]
+    if "bn" not in norms:
+        norms.insert(0, "bn")
+    shapes = SHAPES if not args.shapes else [
+        tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
+    runs = []
+    if args.device in ("all", "cpu"):
+        runs.append(("cpu", "fp32"))
+    if args.device in ("all", "cuda") and torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        runs += [("cuda", "fp32"), ("cuda", "bf16-cl")]
+    elif args.device == "cuda":
+        sys.exit("error: --device cuda but CUDA is not available")
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+          + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    results = []
+    for dev, mode in runs:
+        rows = []
+        for shape in shapes:
+            res = bench_shape(shape, norms, torch.device(dev), mode, args.warmup, args.repeats,
+                              args.block)
+            rows.append((shape, res))
+            results.append({"device": dev, "mode": mode, "shape": list(shape), "ms": res})
+        print_table(f"{dev} {mode}", rows, norms)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
