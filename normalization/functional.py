@@ -16,12 +16,16 @@ real hardware:
   an (N, C)-sized computation (``Coefficients``) whose backward is written out
   as in Appendix A, so a layer's fixed cost stays far below its memory traffic.
 
-Large-tensor work runs through PyTorch's native batch-norm kernels applied to
-the (1, N*C, M) view of the input, in which each "channel" is one (sample,
-channel) pair.
+Large-tensor work runs, on CUDA, through the fused Triton kernels of
+``triton_kernels.py`` (NCHW and channels_last, one read per pass; set
+``SN_TRITON=0`` to disable), and otherwise through PyTorch's native
+batch-norm kernels applied to the (1, N*C, M) view of the input, in which
+each "channel" is one (sample, channel) pair.
 """
 from __future__ import annotations
 
+import functools
+import os
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -42,6 +46,25 @@ def _native_ok(*tensors: Tensor) -> bool:
     return all(t.is_contiguous() and t.device.type in ("cpu", "cuda") for t in tensors)
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_kernels():
+    """The Triton kernels module when usable on a GPU (not in interpreter mode), else None."""
+    if os.environ.get("SN_TRITON", "1") == "0" or not torch.cuda.is_available():
+        return None
+    try:
+        from . import triton_kernels as tk
+    except Exception:  # pragma: no cover - a broken triton install falls back to PyTorch
+        return None
+    return tk if tk.triton_available() and not tk.INTERPRET else None
+
+
+def _triton_for(x: Tensor):
+    """Triton kernels for CUDA tensors whose samples fit 32-bit indexing, else None."""
+    if not x.is_cuda or x[0].numel() >= 2 ** 31:
+        return None
+    return _triton_kernels()
+
+
 # -- the three large-tensor passes ---------------------------------------------------------
 def instance_stats(x3: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-(n, c) mean and biased variance over the last dim of ``x3`` (N, C, M).
@@ -50,6 +73,9 @@ def instance_stats(x3: Tensor) -> Tuple[Tensor, Tensor]:
     float32/float64 inputs; reduced-precision inputs are accumulated in float32.
     """
     n, c, m = x3.shape
+    tk = _triton_for(x3)
+    if tk is not None:
+        return tk.instance_stats(x3)
     if x3.dtype in _FAST_DTYPES and _native_ok(x3) and n * c > 0 and m > 0:
         mean, var = torch.batch_norm_update_stats(x3.reshape(1, n * c, m), None, None, 0.0)
         return mean.view(n, c), var.view(n, c)
@@ -66,6 +92,9 @@ def apply_scale_shift(x3: Tensor, mu: Tensor, scale: Tensor, shift: Tensor,
     otherwise; reduced-precision inputs are computed in float32.
     """
     n, c, m = x3.shape
+    tk = _triton_for(x3)
+    if tk is not None:
+        return tk.apply_scale_shift(x3, mu, scale, shift, out=out)
     if out is None:
         out = torch.empty_like(x3)
     if _native_ok(x3, out):
@@ -82,6 +111,9 @@ def apply_scale_shift(x3: Tensor, mu: Tensor, scale: Tensor, shift: Tensor,
 def _grad_sums(g3: Tensor, x3: Tensor, mu: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-(n, c) ``sum g`` and ``sum g * (x - mu)`` in one pass over (g, x)."""
     n, c, m = x3.shape
+    tk = _triton_for(x3)
+    if tk is not None:
+        return tk.grad_sums(g3, x3, mu)
     if _native_ok(g3, x3):
         ones = torch.ones(n * c, dtype=mu.dtype, device=mu.device)
         _, sum_gx, sum_g = torch.ops.aten.native_batch_norm_backward(
@@ -353,7 +385,8 @@ class _SwitchNormFunction(torch.autograd.Function):
     def backward(ctx, g3: Tensor):
         x3, mu = ctx.saved_tensors
         coef: Coefficients = ctx.coef
-        if x3.is_contiguous() and not g3.is_contiguous():
+        tk = _triton_for(x3)
+        if tk is None and x3.is_contiguous() and not g3.is_contiguous():
             g3 = g3.contiguous()
         dx = torch.empty_like(x3) if ctx.needs_input_grad[0] else None
         sum_g, sum_gx = _grad_sums(g3, x3, mu)
@@ -365,8 +398,11 @@ class _SwitchNormFunction(torch.autograd.Function):
             # direct dependence of y on mu_in added to d_mu
             m = x3.shape[-1]
             d_mu = d_mu - scale * sum_g
-            apply_scale_shift(x3, mu, d_var * (2.0 / m), d_mu / m, out=dx)
-            dx.addcmul_(g3, scale[..., None])
+            if tk is not None:  # one fused pass
+                tk.grad_input(g3, x3, mu, scale, d_var * (2.0 / m), d_mu / m, out=dx)
+            else:
+                apply_scale_shift(x3, mu, d_var * (2.0 / m), d_mu / m, out=dx)
+                dx.addcmul_(g3, scale[..., None])
         return (dx, None) + tuple(d_params[:len(ctx.needs_input_grad) - 2])
 
 

@@ -1,0 +1,138 @@
+"""Rebuild a model from a checkpoint file: ours, or the authors' released ones.
+
+* Ours (``train.py``): the architecture comes from the resolved config stored
+  in the checkpoint.
+* The authors' (Switchable-Normalization / Sparse_SwitchNorm model zoo): a
+  dict with ``state_dict`` (keys prefixed ``module.``, norms named ``sn1``,
+  ``sn2``, ``sn3``, ``sn_out``, gamma/beta shaped (1, C, 1, 1)) and ``model``
+  (``resnetv1sn50``, ``resnetv2sn101``, ``resnetv1ssn50`` ...). ``using_bn``
+  follows from the length of the ratio vectors, and the layers use the
+  authors' variance convention (unbiased IN variance) so that the outputs are
+  those of their own model code.
+
+Every file is read with ``torch.load(weights_only=True)``: nothing in it runs.
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from engine.checkpoint import CheckpointError, load_checkpoint
+
+from .registry import build_model
+
+__all__ = ["load_model", "authors_state_dict", "load_weights", "model_kwargs_from_checkpoint"]
+
+_AUTHORS_ARCH = re.compile(r"^resnetv([12])(s?sn)(\d+)$")
+_AUTHORS_NORM_NAME = re.compile(r"(^|\.)sn(\d+|_out)\.")
+_BUILD_KEYS = ("name", "num_classes", "norm", "norm_kwargs", "zero_init_last", "dropout", "stem",
+               "width", "input_size", "in_chans")
+
+
+def _is_ours(state: dict) -> bool:
+    return isinstance(state.get("config"), dict) and isinstance(state.get("model"), dict)
+
+
+def authors_state_dict(state: dict) -> Dict[str, torch.Tensor]:
+    """The authors' state dict mapped onto our names (``module.`` dropped, ``snK`` -> ``bnK``)."""
+    sd = state.get("state_dict", state)
+    out = {}
+    for key, value in sd.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        key = key[len("module."):] if key.startswith("module.") else key
+        out[_AUTHORS_NORM_NAME.sub(lambda m: f"{m.group(1)}bn{m.group(2)}.", key)] = value
+    return out
+
+
+def _authors_kwargs(path: str, state: dict, sd: Dict[str, torch.Tensor]) -> dict:
+    arch = state.get("model")
+    kwargs: dict = {}
+    if isinstance(arch, str):
+        m = _AUTHORS_ARCH.match(arch.lower())
+        if not m:
+            raise CheckpointError(f"{path}: unknown architecture {arch!r} in the checkpoint's "
+                                  "'model' entry; pass name=... (e.g. name='resnet50_v1')")
+        kwargs["name"] = f"resnet{m.group(3)}_v{m.group(1)}"
+        kwargs["norm"] = m.group(2)
+    if "fc.weight" in sd:
+        kwargs["num_classes"] = sd["fc.weight"].shape[0]
+    if any(k.endswith("mean_fixed") for k in sd):
+        kwargs["norm"] = "ssn"
+    ratio = next((v for k, v in sd.items() if k.endswith("mean_weight")), None)
+    norm_kwargs = {"variance": "authors"}
+    if ratio is not None and ratio.numel() == 2:
+        norm_kwargs["using_bn"] = False
+    kwargs["norm_kwargs"] = norm_kwargs
+    kwargs.setdefault("norm", "sn")
+    return kwargs
+
+
+def model_kwargs_from_checkpoint(path: str, state: dict) -> Tuple[dict, Dict[str, torch.Tensor]]:
+    """``build_model`` arguments and the state dict (in our names) of a checkpoint."""
+    if _is_ours(state):
+        cfg = state["config"]
+        kwargs = {k: v for k, v in cfg["model"].items() if k in _BUILD_KEYS}
+        image_size = cfg.get("data", {}).get("image_size")
+        if image_size:
+            kwargs["input_size"] = image_size
+        return kwargs, state["model"]
+    if not isinstance(state.get("state_dict", state), dict):
+        raise CheckpointError(f"{path}: not a model checkpoint (no state_dict)")
+    sd = authors_state_dict(state)
+    if not sd:
+        raise CheckpointError(f"{path}: not a model checkpoint (it holds no tensors)")
+    return _authors_kwargs(path, state, sd), sd
+
+
+def load_weights(model: nn.Module, sd: Dict[str, torch.Tensor], path: str):
+    """Strict load with one clear error listing missing and unexpected keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
+             if k in sd and sd[k].numel() != own[k].numel()]
+    if missing or unexpected or wrong:
+        def few(keys):
+            return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
+        parts = [f"missing keys: {few(missing)}" if missing else "",
+                 f"unexpected keys: {few(unexpected)}" if unexpected else "",
+                 f"shape mismatches: {few(wrong)}" if wrong else ""]
+        raise CheckpointError(f"{path}: the checkpoint does not fit the model; "
+                              + "; ".join(p for p in parts if p))
+    try:
+        model.load_state_dict(sd)
+    except (RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {str(e).strip().splitlines()[0]}") from None
+
+
+def load_model(path: str, map_location="cpu", **overrides) -> nn.Module:
+    """The model stored in ``path`` (ours or the authors'), weights loaded, in eval mode.
+
+    ``overrides`` replace ``build_model`` arguments (e.g. ``name=`` for an
+    authors' file without a ``model`` entry, ``norm_kwargs=``).
+    """
+    state = load_checkpoint(path, map_location=map_location)
+    kwargs, sd = model_kwargs_from_checkpoint(path, state)
+    unknown = [k for k in overrides if k not in _BUILD_KEYS]
+    if unknown:
+        raise TypeError(f"load_model: unknown argument(s) {unknown}; valid: {_BUILD_KEYS}")
+    if "norm_kwargs" in overrides:
+        overrides = {**overrides, "norm_kwargs": {**kwargs.get("norm_kwargs", {}),
+                                                  **(overrides["norm_kwargs"] or {})}}
+    kwargs.update(overrides)
+    if "name" not in kwargs:
+        raise CheckpointError(f"{path}: the checkpoint does not name its architecture; "
+                              "pass name=... (e.g. resnet50_v1)")
+    model = build_model(**kwargs)
+    load_weights(model, sd, path)
+    return model.eval()
+
+
+def describe(path: str, state: Optional[dict] = None) -> str:
+    state = state if state is not None else load_checkpoint(path)
+    kwargs, _ = model_kwargs_from_checkpoint(path, state)
+    return f"{kwargs.get('name', '?')} with {kwargs.get('norm', '?')} ({kwargs.get('norm_kwargs')})"

@@ -1,0 +1,57 @@
+"""Accuracy for inputs with a large mean (no E[x^2] - E[x]^2 cancellation)."""
+import pytest
+import torch
+
+import normalization as N
+from normalization.functional import instance_stats
+from normalization.reference import reference_switch_norm
+
+
+def test_instance_statistics_large_mean_against_float64():
+    x = torch.randn(4, 8, 32, 32, dtype=torch.float64) + 1e3
+    mean, var = instance_stats(x.float().flatten(2))
+    ref = x.float().double().flatten(2)  # the float32 data, exactly
+    torch.testing.assert_close(mean.double(), ref.mean(-1), rtol=1e-7, atol=0)
+    torch.testing.assert_close(var.double(), ref.var(-1, unbiased=False), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(ghost_batch_size=2)])
+def test_switchnorm_large_mean_against_float64(kw):
+    layer = N.SwitchNorm2d(8, **kw)
+    with torch.no_grad():
+        layer.mean_weight.copy_(torch.tensor([0.3, -0.2, 0.5]))
+        layer.var_weight.copy_(torch.tensor([-0.1, 0.4, 0.2]))
+    x32 = torch.randn(4, 8, 16, 16) + 1e3
+    x64 = x32.double()
+    y = layer(x32)
+    ref = reference_switch_norm(x64, layer.weight.double(), layer.bias.double(),
+                                torch.softmax(layer.mean_weight.double(), 0),
+                                torch.softmax(layer.var_weight.double(), 0),
+                                ghost_batch_size=kw.get("ghost_batch_size"))
+    # y = x * a + b with |x| = 1e3: float32 rounding of x * a alone is ~1e3 * 6e-8 * |a|
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-3)
+    # the running variance (BN branch) is exact to float32 precision, not off by ~1e6 * eps
+    var64 = x64.var((0, 2, 3), unbiased=False) if not kw else torch.stack(
+        [c.var((0, 2, 3), unbiased=False) for c in x64.split(2)]).mean(0)
+    torch.testing.assert_close(layer.running_var.double(), 0.9 + 0.1 * var64, rtol=1e-5, atol=0)
+
+
+def test_naive_formula_would_fail_here():
+    """Sanity check that the case above is hard: E[x^2] - E[x]^2 in float32 is far off."""
+    x = torch.randn(4, 8, 32, 32) + 1e3
+    naive = (x.square().mean((2, 3)) - x.mean((2, 3)).square()).double()
+    exact = x.double().var((2, 3), unbiased=False)
+    assert (naive - exact).abs().max() > 1e-2
+
+
+def test_gradients_large_mean_against_float64():
+    layer = N.SwitchNorm2d(4)
+    x32 = (torch.randn(4, 4, 8, 8) + 1e3).requires_grad_()
+    x64 = x32.detach().double().requires_grad_()
+    g = torch.randn(4, 4, 8, 8)
+    layer(x32).backward(g)
+    ref_layer = N.SwitchNorm2d(4).double()
+    ref_layer(x64).backward(g.double())
+    torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=0, atol=5e-3 * x64.grad.abs().max())
+    torch.testing.assert_close(layer.mean_weight.grad.double(), ref_layer.mean_weight.grad,
+                               rtol=1e-3, atol=1e-3)
