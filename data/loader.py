@@ -1,0 +1,190 @@
+"""``build_loader``: the one factory that turns ``DataConfig`` into batches on a device.
+
+Both backends return an object with the same interface (see :class:`Loader`):
+``len()`` batches per epoch on this rank, iteration yielding normalised
+float32 ``(N, 3, H, W)`` images and int64 targets on ``device``, and
+``set_epoch(epoch, start_iter)`` before each epoch.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Iterator, List, NamedTuple, Optional, Tuple
+
+import torch
+from torch.utils.data import DataLoader
+
+from .base import Loader
+from .config import DataConfig
+from .datasets import (BadImageError, BadSample, ImageDataset, ImageList, class_folders,
+                       read_list_file, scan_folder)
+from .demo import ensure_demo_dataset
+from .presets import ClassificationPresetEval, ClassificationPresetTrain, Normalizer
+from .sampler import ShardedBatchSampler
+
+__all__ = ["build_loader", "build_image_list", "build_preset", "select_backend",
+           "TorchvisionLoader"]
+
+SPLITS = ("train", "val")
+
+
+class Batch(NamedTuple):
+    """What a DataLoader worker hands over: uint8 images, RGB shifts, labels, bad files."""
+
+    images: torch.Tensor
+    shifts: torch.Tensor
+    labels: torch.Tensor
+    bad: List[Tuple[str, str]]
+
+
+def collate_samples(samples: list) -> Batch:
+    """Stack the decoded samples; drop the bad ones and carry their paths with the batch."""
+    good = [s for s in samples if not isinstance(s, BadSample)]
+    bad = [(s.path, s.error) for s in samples if isinstance(s, BadSample)]
+    if not good:
+        empty = torch.empty(0, dtype=torch.uint8)
+        return Batch(empty, torch.empty(0, 3), torch.empty(0, dtype=torch.int64), bad)
+    return Batch(torch.stack([s[0] for s in good]), torch.stack([s[1] for s in good]),
+                 torch.tensor([s[2] for s in good], dtype=torch.int64), bad)
+
+
+class TorchvisionLoader(Loader):
+    """Pillow decoding and transforms in DataLoader workers; normalisation on ``device``."""
+
+    backend = "torchvision"
+
+    def __init__(self, dataset: ImageDataset, sampler: ShardedBatchSampler, *, workers: int,
+                 pin_memory: bool, prefetch_factor: int, device: torch.device,
+                 mean, std, on_bad_image: str, reason: str):
+        super().__init__(dataset.images, sampler, device, reason)
+        self.on_bad_image = on_bad_image
+        self._normalize = Normalizer(mean, std)
+        self._warned = set()
+        # A generator of its own: starting an epoch draws the workers' base seed from it, not
+        # from the global RNG, which belongs to the model (dropout) and is restored on resume.
+        # (Augmentation is seeded per sample by the sampler; the base seed is unused.)
+        self._loader = DataLoader(
+            dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_samples,
+            pin_memory=pin_memory, persistent_workers=workers > 0,
+            prefetch_factor=prefetch_factor if workers > 0 else None,
+            generator=torch.Generator().manual_seed(0))
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        self._begin_epoch()
+        for batch in self._loader:
+            if batch.bad:
+                self._record_bad(batch.bad)
+            if batch.labels.numel() == 0:
+                continue
+            yield self._to_device(batch)
+
+    def _to_device(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        images = batch.images.to(self.device, non_blocking=True)
+        shifts = batch.shifts.to(self.device, non_blocking=True)
+        targets = batch.labels.to(self.device, non_blocking=True)
+        return self._normalize(images, shifts), targets
+
+    def _record_bad(self, bad: List[Tuple[str, str]]) -> None:
+        if self.on_bad_image == "error":
+            path, error = bad[0]
+            raise BadImageError(f"{path}: cannot decode image ({error})")
+        self.bad_images += len(bad)
+        for path, error in bad:
+            if path not in self._warned:
+                self._warned.add(path)
+                warnings.warn(f"skipped unreadable image {path} ({error})", stacklevel=3)
+
+    def close(self) -> None:
+        self._loader = None
+
+
+def select_backend(requested: str, device: torch.device) -> Tuple[str, str]:
+    """(backend, reason): DALI for 'dali', or for 'auto' when importable and on CUDA."""
+    from .dali import dali_import_error
+    error = dali_import_error()
+    if requested == "torchvision":
+        return "torchvision", "torchvision backend (data.backend=torchvision)"
+    if requested == "dali":
+        if error:
+            raise ValueError(f"data.backend: 'dali' requested but DALI cannot be imported "
+                             f"({error}); install nvidia-dali-cuda130 or use 'torchvision'")
+        where = "GPU (mixed) decoding" if device.type == "cuda" else "CPU decoding"
+        return "dali", f"DALI backend with {where} (data.backend=dali)"
+    if error:
+        return "torchvision", f"torchvision backend (data.backend=auto: DALI not importable: " \
+                              f"{error})"
+    if device.type != "cuda":
+        return "torchvision", "torchvision backend (data.backend=auto: device is " \
+                              f"{device.type}, DALI is chosen only for CUDA devices)"
+    return "dali", f"DALI backend with GPU (mixed) decoding on {device} (data.backend=auto)"
+
+
+def _resolve(root: Path, name: str) -> Path:
+    path = Path(name).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+def _dataset_root(cfg: DataConfig) -> Path:
+    if cfg.dataset == "demo":
+        return ensure_demo_dataset(cfg.root, cfg.demo_size)
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: data.root not found")
+    return root
+
+
+def build_image_list(cfg: DataConfig, split: str) -> ImageList:
+    """Index a split (structural errors are raised here, before training starts)."""
+    if split not in SPLITS:
+        raise ValueError(f"split: {split!r} is not one of {', '.join(SPLITS)}")
+    root = _dataset_root(cfg)
+    image_dir = root / (cfg.train_dir if split == "train" else cfg.val_dir)
+    if cfg.layout == "list" and cfg.dataset != "demo":
+        list_name = cfg.train_list if split == "train" else cfg.val_list
+        if not list_name:
+            raise ValueError(f"data.{split}_list: required with data.layout=list")
+        images = read_list_file(_resolve(root, list_name), image_dir, cfg.num_classes)
+    else:
+        train_dir = root / cfg.train_dir
+        classes = class_folders(train_dir) if split == "val" and train_dir.is_dir() else None
+        images = scan_folder(image_dir, classes or None)
+    images.check_num_classes(cfg.num_classes)
+    return images
+
+
+def build_preset(cfg: DataConfig, split: str):
+    if split == "train":
+        return ClassificationPresetTrain(cfg.image_size, min_scale=cfg.min_scale, hflip=cfg.hflip,
+                                         color_jitter=cfg.color_jitter, lighting=cfg.lighting,
+                                         mean=cfg.mean, std=cfg.std)
+    return ClassificationPresetEval(cfg.val_crop, cfg.val_resize, mean=cfg.mean, std=cfg.std)
+
+
+def build_loader(cfg: DataConfig, split: str, batch_size: int, *, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, device: torch.device = torch.device("cpu"),
+                 drop_last: Optional[bool] = None) -> Loader:
+    """The loader of ``split`` ('train' or 'val') for one rank; ``batch_size`` is per process.
+
+    Train: shuffled, equal shards, ``drop_last`` True by default.  Val: in order,
+    shard ``r::world_size`` without padding, ``drop_last`` False by default.
+    """
+    cfg.validate()
+    device = torch.device(device)
+    images = build_image_list(cfg, split)
+    train = split == "train"
+    sampler = ShardedBatchSampler(
+        len(images), batch_size, rank=rank, world_size=world_size, shuffle=train,
+        even_shards=train, drop_last=train if drop_last is None else drop_last, seed=seed)
+    backend, reason = select_backend(cfg.backend, device)
+    if backend == "dali":
+        from .dali import DaliLoader
+        return DaliLoader(cfg, images, sampler, train=train, device=device, reason=reason)
+    reason += f", {cfg.workers} workers"
+    # Workers hand bad samples over and the main process applies the policy: a worker
+    # that raises leaves its DataLoader iterator slow to shut down.
+    dataset = ImageDataset(images, build_preset(cfg, split).prepare, "skip")
+    pin = cfg.pin_memory and device.type == "cuda" and torch.cuda.is_available()
+    return TorchvisionLoader(dataset, sampler, workers=cfg.workers, pin_memory=pin,
+                             prefetch_factor=cfg.prefetch_factor, device=device,
+                             mean=cfg.mean, std=cfg.std, on_bad_image=cfg.on_bad_image,
+                             reason=reason)

@@ -1,0 +1,448 @@
+"""The training loop: data, model, optimizer -> epochs of SGD, validation, checkpoints, logs.
+
+``Trainer(cfg, dist_info).fit()`` runs a resolved config. One process per
+device under torchrun (DDP, gloo or NCCL) or a single process; each process
+holds ``batch.virtual_gpus`` of the paper's GPUs (ghost batches of
+``batch.per_gpu`` samples in every batch-statistics normalizer).
+
+Outputs in ``output_dir``: config.yaml, metrics.jsonl (one object per epoch),
+checkpoint_last.pth / checkpoint_best.pth (atomic), TensorBoard events in
+tb/. Restarting with the same output_dir resumes from checkpoint_last.pth,
+mid-epoch included (sampler position, RNG states, running meters).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+import normalization
+from data import build_loader, ensure_demo_dataset
+from models import build_model
+
+from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from .config import Config, format_config, to_dict
+from .distributed import (DistInfo, all_reduce_max, all_reduce_sum, average_running_stats,
+                          broadcast_flag, gather_rng_states, set_rng_state)
+from .optim import build_optimizer, build_scheduler, clip_gradients
+
+__all__ = ["Trainer", "evaluate", "model_from_config", "NonFiniteLossError", "set_determinism"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def set_determinism(seed: int, deterministic: bool):
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def model_from_config(cfg: Config) -> nn.Module:
+    """The model of ``cfg.model`` with the batch setting's ghost batches (virtual GPUs)."""
+    m = cfg.model
+    kwargs = dict(m.norm_kwargs)
+    if m.norm in normalization.BATCH_STAT_NAMES and cfg.batch.virtual_gpus:
+        # synced normalizers pool every virtual GPU anyway; the others compute statistics
+        # per virtual GPU, as the paper's GPUs do
+        ghost = None if m.norm in normalization.SYNC_NAMES else cfg.batch.per_gpu
+        kwargs.setdefault("ghost_batch_size", ghost)
+    return build_model(m.name, m.num_classes, m.norm, kwargs, zero_init_last=m.zero_init_last,
+                       dropout=m.dropout, stem=m.stem, width=m.width,
+                       input_size=cfg.data.image_size)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = model.module if isinstance(model, DistributedDataParallel) else model
+    return getattr(model, "_orig_mod", model)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp: str = "none",
+             channels_last: bool = False) -> Dict[str, float]:
+    """Single-crop top-1/top-5 over every validation image exactly once (summed over ranks)."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    for images, targets in loader:
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, amp):
+            logits = model(images)
+        logits = logits.float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hit = top5 == targets[:, None]
+        sums += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(),
+                             hit[:, 0].sum().double(), hit.any(1).sum().double(),
+                             torch.tensor(float(len(targets)), device=device,
+                                          dtype=torch.float64)])
+    loss, c1, c5, n = all_reduce_sum(sums.tolist(), device)
+    n = max(n, 1.0)
+    return {"val_loss": loss / n, "val_top1": 100.0 * c1 / n, "val_top5": 100.0 * c5 / n,
+            "val_count": int(n), "bad_images": int(all_reduce_sum(
+                [float(getattr(loader, "bad_images", 0))], device)[0])}
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp == "none" or device.type != "cuda":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+class _Meters:
+    """Sums of the epoch so far (kept on the device: no synchronisation per step)."""
+
+    def __init__(self, device, state: Optional[dict] = None):
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top1, samples
+        self.seconds = 0.0
+        self.bad = 0
+        if state:
+            self.sums.copy_(torch.tensor(state["sums"], dtype=torch.float64))
+            self.seconds, self.bad = state["seconds"], state["bad"]
+
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor):
+        n = targets.numel()
+        correct = (logits.argmax(1) == targets).sum()
+        self.sums += torch.stack([loss.detach().double() * n, correct.double(),
+                                  torch.tensor(float(n), device=self.sums.device,
+                                               dtype=torch.float64)])
+
+    def state(self) -> dict:
+        return {"sums": self.sums.tolist(), "seconds": self.seconds, "bad": self.bad}
+
+
+class Trainer:
+    def __init__(self, cfg: Config, info: DistInfo):
+        self.cfg, self.info = cfg, info
+        self.device = info.device
+        self.out = cfg.output_dir
+        set_determinism(cfg.train.seed, cfg.train.deterministic)
+        self._build_data()
+        self._build_model()
+        self.epoch, self.iter, self.global_step, self.best_top1 = 0, 0, 0, 0.0
+        self.meters_state: Optional[dict] = None
+        self.stop_requested = False
+        self.history: list = []
+        self._resume_or_init()
+        self.writer = self._tensorboard()
+
+    # -- construction --------------------------------------------------------------------------
+    def _build_data(self):
+        cfg, info = self.cfg, self.info
+        if cfg.data.dataset == "demo" and cfg.data.root is None:
+            cfg.data.root = str(ensure_demo_dataset(None, cfg.data.demo_size))
+        common = dict(rank=info.rank, world_size=info.world_size, seed=cfg.train.seed,
+                      device=self.device)
+        self.train_loader = build_loader(cfg.data, "train", cfg.batch.per_process, **common)
+        self.val_loader = build_loader(cfg.data, "val", cfg.batch.per_process, **common)
+        self.log(self.train_loader.reason)
+        if self.train_loader.num_classes != cfg.model.num_classes:
+            raise ValueError(f"model.num_classes={cfg.model.num_classes} but the data at "
+                             f"{cfg.data.root} has {self.train_loader.num_classes} classes")
+        if len(self.train_loader) == 0:
+            raise ValueError(f"the training set ({self.train_loader.dataset_size} images) has "
+                             f"fewer than one batch of {cfg.batch.per_process} per process")
+
+    def _build_model(self):
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)
+        model = model_from_config(cfg).to(self.device)
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.optimizer = build_optimizer(cfg, model)
+        self.scheduler = build_scheduler(cfg, self.optimizer, len(self.train_loader))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16"
+                                           and self.device.type == "cuda")
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+        net = model
+        if self.info.distributed:
+            net = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)  # each process keeps its own GPUs' statistics
+        if cfg.train.compile:
+            net = torch.compile(net)
+        self.net = net
+        self.has_ssn = any(isinstance(m, normalization.SparseSwitchNorm2d)
+                           for m in model.modules())
+
+    @property
+    def last_path(self) -> str:
+        return os.path.join(self.out, "checkpoint_last.pth")
+
+    @property
+    def best_path(self) -> str:
+        return os.path.join(self.out, "checkpoint_best.pth")
+
+    def _resume_or_init(self):
+        cfg = self.cfg
+        if cfg.checkpoint.resume and os.path.isfile(self.last_path):
+            self._load(load_checkpoint(self.last_path, map_location=self.device))
+            self.log(f"resumed from {self.last_path}: epoch {self.epoch}, "
+                     f"iteration {self.iter}/{len(self.train_loader)}")
+        elif cfg.checkpoint.init:
+            state = load_checkpoint(cfg.checkpoint.init)
+            self.model.load_state_dict(state.get("model", state))
+            self.log(f"initialised the weights from {cfg.checkpoint.init}")
+        if self.info.main:
+            os.makedirs(self.out, exist_ok=True)
+            with open(os.path.join(self.out, "config.yaml"), "w") as f:
+                f.write(format_config(cfg))
+            self._trim_metrics()
+
+    def _load(self, state: dict):
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.iter = state["epoch"], state["iter"]
+        self.global_step, self.best_top1 = state["global_step"], state["best_top1"]
+        self.meters_state = state.get("meters")
+        set_rng_state(state.get("rng", []), self.info.rank, self.device)
+
+    def _trim_metrics(self):
+        """Keep the metrics of the epochs finished before the resumed one."""
+        path = os.path.join(self.out, "metrics.jsonl")
+        if not os.path.isfile(path):
+            return
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        self.history = [r for r in rows if r["epoch"] < self.epoch]
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.history)
+
+    def _tensorboard(self):
+        if not (self.cfg.log.tensorboard and self.info.main):
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter(os.path.join(self.out, "tb"), purge_step=self.global_step)
+
+    # -- logging ---------------------------------------------------------------------------------
+    def log(self, msg: str):
+        if self.info.main:
+            print(msg, flush=True)
+
+    def _scalar(self, tag: str, value: float, step: int):
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _state(self, meters: Optional[_Meters]) -> dict:
+        return {"format": FORMAT, "config": to_dict(self.cfg),
+                "model": _unwrap(self.net).state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "epoch": self.epoch, "iter": self.iter, "global_step": self.global_step,
+                "best_top1": self.best_top1, "meters": meters.state() if meters else None,
+                "rng": gather_rng_states(self.device),
+                "metrics": self.history[-1] if self.history else {}}
+
+    def save(self, meters: Optional[_Meters] = None, best: bool = False):
+        """checkpoint_last.pth (and _best) with rank-averaged BN statistics; all ranks call."""
+        average_running_stats(self.model)
+        state = self._state(meters)
+        if self.info.main:
+            save_checkpoint(self.last_path, state)
+            if best:
+                save_checkpoint(self.best_path, state)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def fit(self) -> Dict[str, float]:
+        cfg = self.cfg
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            self.log(f"training {cfg.model.name} with {cfg.model.norm} at (gpus, per_gpu) = "
+                     f"({cfg.batch.gpus}, {cfg.batch.per_gpu}) on {self.info.world_size} "
+                     f"process(es) x {cfg.batch.virtual_gpus} virtual GPU(s), lr {cfg.optim.lr:g}"
+                     f", {len(self.train_loader)} iterations/epoch -> {self.out}")
+            while self.epoch < cfg.train.epochs:
+                if not self._train_epoch():
+                    break
+            return self.history[-1] if self.history else {}
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            if self.writer is not None:
+                self.writer.close()
+
+    def _on_sigterm(self, signum, frame):
+        self.stop_requested = True
+
+    def _ssn_radius(self) -> float:
+        epochs = self.cfg.train.ssn_radius_epochs or self.cfg.train.epochs
+        return min(1.0, self.global_step / (epochs * len(self.train_loader)))
+
+    def _train_epoch(self) -> bool:
+        """One epoch (or its remainder); False when training must stop early."""
+        cfg, loader = self.cfg, self.train_loader
+        meters = _Meters(self.device, self.meters_state)
+        self.meters_state = None
+        self.net.train()
+        loader.set_epoch(self.epoch, self.iter)
+        total_iters = cfg.train.epochs * len(loader)
+        window = {"start": time.perf_counter(), "data": 0.0, "iters": 0}
+        bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        # on GPUs a check synchronises with the host: every 10 iterations at most
+        check_every = 1 if self.device.type == "cpu" else min(cfg.train.print_freq, 10)
+        tick = time.perf_counter()
+        for images, targets in loader:
+            window["data"] += time.perf_counter() - tick
+            loss, logits = self._step(images, targets)
+            bad = torch.where((bad < 0) & ~torch.isfinite(loss.detach()),
+                              torch.tensor(self.global_step, device=self.device), bad)
+            meters.update(loss, logits, targets)
+            self.iter += 1
+            self.global_step += 1
+            window["iters"] += 1
+            last = self.iter == len(loader) or self.global_step == cfg.train.max_iters
+            if self.iter % check_every == 0 or last or self._checkpoint_due():
+                if self._check(bad, meters, window, last):
+                    return False
+            if self._checkpoint_due():
+                self.save(meters)
+            if cfg.train.max_iters is not None and self.global_step >= cfg.train.max_iters:
+                break
+            tick = time.perf_counter()
+        meters.bad = loader.bad_images
+        self._end_epoch(meters)
+        return not (cfg.train.max_iters is not None and self.global_step >= cfg.train.max_iters)
+
+    def _step(self, images: torch.Tensor, targets: torch.Tensor):
+        cfg = self.cfg
+        if cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if self.has_ssn:
+            normalization.set_ssn_radius(self.model, self._ssn_radius())
+        with _autocast(self.device, cfg.train.amp):
+            logits = self.net(images)
+            loss = self.criterion(logits.float(), targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if cfg.optim.grad_clip is not None or cfg.optim.ratio_grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            clip_gradients(cfg, self.optimizer)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss, logits.detach()
+
+    def _checkpoint_due(self) -> bool:
+        every = self.cfg.checkpoint.every_iters
+        return bool(every) and self.global_step % every == 0 and self.iter < len(self.train_loader)
+
+    def _check(self, bad: torch.Tensor, meters: _Meters, window: dict, last: bool) -> bool:
+        """Synchronise: stop on a non-finite loss or SIGTERM; print progress. True = stop."""
+        bad_step = int(all_reduce_max(float(bad), self.device))
+        if bad_step >= 0:  # some rank saw a non-finite loss at global step bad_step
+            per_epoch = len(self.train_loader)
+            kept = self.last_path if os.path.isfile(self.last_path) else "none written yet"
+            raise NonFiniteLossError(
+                f"non-finite loss at iteration {bad_step + 1} (epoch {bad_step // per_epoch + 1}, "
+                f"step {bad_step % per_epoch + 1}/{per_epoch}); stopped without saving, the last "
+                f"good checkpoint is {kept}")
+        if broadcast_flag(self.stop_requested, self.device):
+            self.save(meters)
+            self.log(f"SIGTERM: saved {self.last_path} at epoch {self.epoch} iteration "
+                     f"{self.iter}; run the same command to resume")
+            return True
+        if self.iter % self.cfg.train.print_freq == 0 or last:
+            self._progress(meters, window)
+        return False
+
+    def _progress(self, meters: _Meters, window: dict):
+        cfg, loader = self.cfg, self.train_loader
+        loss_sum, correct, n = meters.sums.tolist()
+        elapsed = time.perf_counter() - window["start"]
+        per_iter = elapsed / max(window["iters"], 1)
+        meters.seconds += elapsed
+        ips = cfg.batch.total / per_iter if per_iter > 0 else 0.0
+        remaining = cfg.train.epochs * len(loader) - self.global_step
+        if cfg.train.max_iters is not None:
+            remaining = min(remaining, cfg.train.max_iters - self.global_step)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.log(f"epoch {self.epoch + 1}/{cfg.train.epochs} iter {self.iter}/{len(loader)} "
+                 f"loss {loss_sum / max(n, 1):.4f} top1 {100 * correct / max(n, 1):5.2f}% "
+                 f"lr {lr:.5f} {ips:7.1f} img/s data {100 * window['data'] / max(elapsed, 1e-9):3.0f}% "
+                 f"eta {_hms((len(loader) - self.iter) * per_iter)} "
+                 f"(total {_hms(remaining * per_iter)})")
+        self._scalar("train/loss", loss_sum / max(n, 1), self.global_step)
+        self._scalar("train/lr", lr, self.global_step)
+        self._scalar("train/images_per_sec", ips, self.global_step)
+        window.update(start=time.perf_counter(), data=0.0, iters=0)
+
+    def _end_epoch(self, meters: _Meters):
+        cfg = self.cfg
+        loss_sum, correct, n, bad = all_reduce_sum(meters.sums.tolist() + [float(meters.bad)],
+                                                   self.device)
+        seconds = meters.seconds
+        average_running_stats(self.model)
+        metrics = {"epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"],
+                   "train_loss": loss_sum / max(n, 1), "train_top1": 100 * correct / max(n, 1),
+                   "images_per_sec": n / seconds if seconds > 0 else 0.0, "seconds": seconds,
+                   "train_bad_images": int(bad)}
+        last_epoch = self.epoch + 1 == cfg.train.epochs or (
+            cfg.train.max_iters is not None and self.global_step >= cfg.train.max_iters)
+        if (self.epoch + 1) % cfg.train.eval_every == 0 or last_epoch:
+            metrics.update(self.validate())
+        self.epoch, self.iter = self.epoch + 1, 0
+        best = metrics.get("val_top1", -1.0) > self.best_top1
+        self.best_top1 = max(self.best_top1, metrics.get("val_top1", 0.0))
+        self.history.append(metrics)
+        self._log_epoch(metrics)
+        self.save(best=best)
+
+    def validate(self) -> Dict[str, float]:
+        cfg = self.cfg
+        if cfg.train.batch_average_samples:
+            self._batch_average(cfg.train.batch_average_samples)
+        return evaluate(self.net, self.val_loader, self.device, cfg.train.amp,
+                        cfg.train.channels_last)
+
+    def _batch_average(self, samples: int):
+        """Paper Sec. 4.1.3: BN-branch statistics averaged over training minibatches."""
+        loader = self.train_loader
+        loader.set_epoch(1_000_000 + self.epoch)  # an order of its own, reproducible
+        batches = (x for x, _ in loader)
+        num_batches = max(1, math.ceil(samples / self.cfg.batch.total))
+        n = normalization.update_batch_average(self.model, batches, num_batches)
+        self.log(f"batch average: BN statistics from {int(n)} samples per layer")
+
+    def _log_epoch(self, metrics: dict):
+        if not self.info.main:
+            return
+        with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        val = (f" val top1 {metrics['val_top1']:.2f}% top5 {metrics['val_top5']:.2f}% "
+               f"({metrics['val_count']} images)" if "val_top1" in metrics else "")
+        self.log(f"epoch {self.epoch}/{self.cfg.train.epochs} done in {_hms(metrics['seconds'])}: "
+                 f"train loss {metrics['train_loss']:.4f} top1 {metrics['train_top1']:.2f}%{val} "
+                 f"{metrics['images_per_sec']:.1f} img/s")
+        for key, value in metrics.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                self._scalar(f"epoch/{key}", value, self.epoch)
+        for name, layer in normalization.switch_layers(self.model):
+            for kind, w in zip(("mean", "var"), layer.switch_ratios()):
+                for norm, value in zip(layer.normalizers, w.tolist()):
+                    self._scalar(f"ratios/{name}/{kind}/{norm}", value, self.epoch)
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
