@@ -379,7 +379,7 @@ def _divisors(n: int) -> List[int]:
 
 
 def format_config(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
 
 
 def describe_schema(cls=Config, prefix: str = "") -> str:

@@ -299,10 +299,12 @@ class Trainer:
         bad = torch.full((), -1, dtype=torch.long, device=self.device)
         # on GPUs a check synchronises with the host: every 10 iterations at most
         check_every = 1 if self.device.type == "cpu" else min(cfg.train.print_freq, 10)
+        bad_before = meters.bad  # skipped images of this epoch before a resume
         tick = time.perf_counter()
         for images, targets in loader:
             window["data"] += time.perf_counter() - tick
             loss, logits = self._step(images, targets)
+            meters.bad = bad_before + loader.bad_images
             bad = torch.where((bad < 0) & ~torch.isfinite(loss.detach()),
                               torch.tensor(self.global_step, device=self.device), bad)
             meters.update(loss, logits, targets)
@@ -318,7 +320,6 @@ class Trainer:
             if cfg.train.max_iters is not None and self.global_step >= cfg.train.max_iters:
                 break
             tick = time.perf_counter()
-        meters.bad = loader.bad_images
         self._end_epoch(meters)
         return not (cfg.train.max_iters is not None and self.global_step >= cfg.train.max_iters)
 

@@ -12,6 +12,7 @@ chunk variance) and are averaged over the chunks into one update per forward.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -62,12 +63,11 @@ class BatchNorm2d(BatchStatsMixin, nn.BatchNorm2d):
         self._check_mode()
         if not self._fused(x):
             return super().forward(x)
-        x3 = x.flatten(2)
         branch = self._batch_branch(x)
         coef = Coefficients(("bn",), self.eps, batch=branch)
-        y3 = switch_norm_function(x3, coef, self.weight, self.bias)
-        self._after_batch(branch, x3.shape[-1])
-        return y3.view(x.shape)
+        y = switch_norm_function(x, coef, self.weight, self.bias)
+        self._after_batch(branch, math.prod(x.shape[2:]))
+        return y
 
     @torch.no_grad()
     def _update_running(self, branch, spatial: int):

@@ -366,29 +366,41 @@ class Coefficients:
         return d_mu, d_var.expand_as(mu), d_weight, d_bias, d_ml, d_vl
 
 
+def as_3d(x: Tensor) -> Tensor:
+    """The (N, C, M) view of an (N, C, *spatial) tensor (M = 1 for (N, C))."""
+    return x.flatten(2) if x.dim() > 2 else x.unsqueeze(-1)
+
+
 class _SwitchNormFunction(torch.autograd.Function):
-    """y = (x - mu_in) * scale + shift with (scale, shift) = coef.forward(mu_in, var_in, *params)."""
+    """y = (x - mu_in) * scale + shift with (scale, shift) = coef.forward(mu_in, var_in, *params).
+
+    Takes and returns tensors of the layer's own shape (not (N, C, M) views),
+    so that an in-place op on the output (ReLU) needs no copy in backward.
+    """
 
     @staticmethod
-    def forward(ctx, x3: Tensor, coef: Coefficients, *params: Optional[Tensor]):
+    def forward(ctx, x: Tensor, coef: Coefficients, *params: Optional[Tensor]):
         # Allocate the output before the small (N, C) tensors: it keeps the
         # large buffers from being trimmed and faulted back in on every step.
-        y = torch.empty_like(x3)
+        y = torch.empty_like(x)
+        x3 = as_3d(x)
         mu, var = instance_stats(x3)
         scale, shift = coef.forward(mu, var, *params, track=True)
-        apply_scale_shift(x3, mu, scale, shift, out=y)
-        ctx.save_for_backward(x3, mu)
+        apply_scale_shift(x3, mu, scale, shift, out=as_3d(y))
+        ctx.save_for_backward(x, mu)
         ctx.coef = coef
         return y
 
     @staticmethod
-    def backward(ctx, g3: Tensor):
-        x3, mu = ctx.saved_tensors
+    def backward(ctx, g: Tensor):
+        x, mu = ctx.saved_tensors
         coef: Coefficients = ctx.coef
+        x3 = as_3d(x)
         tk = _triton_for(x3)
-        if tk is None and x3.is_contiguous() and not g3.is_contiguous():
-            g3 = g3.contiguous()
-        dx = torch.empty_like(x3) if ctx.needs_input_grad[0] else None
+        if tk is None and x.is_contiguous() and not g.is_contiguous():
+            g = g.contiguous()
+        g3 = as_3d(g)
+        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         sum_g, sum_gx = _grad_sums(g3, x3, mu)
         need = ctx.needs_input_grad[2:] + (False,) * (6 - len(ctx.needs_input_grad))
         d_mu, d_var, *d_params = coef.backward(sum_gx, sum_g, need[:4])
@@ -398,24 +410,27 @@ class _SwitchNormFunction(torch.autograd.Function):
             # direct dependence of y on mu_in added to d_mu
             m = x3.shape[-1]
             d_mu = d_mu - scale * sum_g
+            dx3 = as_3d(dx)
             if tk is not None:  # one fused pass
-                tk.grad_input(g3, x3, mu, scale, d_var * (2.0 / m), d_mu / m, out=dx)
+                tk.grad_input(g3, x3, mu, scale, d_var * (2.0 / m), d_mu / m, out=dx3)
             else:
-                apply_scale_shift(x3, mu, d_var * (2.0 / m), d_mu / m, out=dx)
-                dx.addcmul_(g3, scale[..., None])
+                apply_scale_shift(x3, mu, d_var * (2.0 / m), d_mu / m, out=dx3)
+                dx3.addcmul_(g3, scale[..., None])
         return (dx, None) + tuple(d_params[:len(ctx.needs_input_grad) - 2])
 
 
-def switch_norm_function(x3: Tensor, coef: Coefficients, *params: Optional[Tensor]) -> Tensor:
-    """Normalize ``x3`` (N, C, M) with the coefficients computed by ``coef``.
+def switch_norm_function(x: Tensor, coef: Coefficients, *params: Optional[Tensor]) -> Tensor:
+    """Normalize ``x`` (N, C, *spatial) with the coefficients computed by ``coef``.
 
     ``params`` are (weight, bias[, mean_logits, var_logits]). The fused autograd
     function runs when a gradient is needed, a plain computation otherwise.
     """
-    if torch.is_grad_enabled() and (x3.requires_grad or any(
+    if torch.is_grad_enabled() and (x.requires_grad or any(
             p is not None and p.requires_grad for p in params)):
-        return _SwitchNormFunction.apply(x3, coef, *params)
-    y = torch.empty_like(x3)
+        return _SwitchNormFunction.apply(x, coef, *params)
+    y = torch.empty_like(x)
+    x3 = as_3d(x)
     mu, var = instance_stats(x3)
     scale, shift = coef.forward(mu, var, *params)
-    return apply_scale_shift(x3, mu, scale, shift, out=y)
+    apply_scale_shift(x3, mu, scale, shift, out=as_3d(y))
+    return y

@@ -23,6 +23,7 @@ Conventions (documented in README.md):
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -151,20 +152,19 @@ class _SwitchNormBase(BatchStatsMixin, nn.Module):
         if not use_batch and not self.training and self._hard_bn_only():
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight,
                                 self.bias, False, 0.0, self.eps)
-        x3 = x.flatten(2) if x.dim() > 2 else x.unsqueeze(-1)
-        spatial = x3.shape[-1]
+        spatial = math.prod(x.shape[2:])
         branch = self._batch_branch(x) if use_batch else None
         running = (self.running_mean, self.running_var) if self.using_bn and not use_batch \
             else None
         factor = spatial / max(spatial - 1, 1) if self.variance == "authors" else 1.0
         coef = Coefficients(self.normalizers, self.eps, var_factor=factor,
                             ratios=self._ratio_function(), batch=branch, running=running)
-        y3 = switch_norm_function(x3, coef, self.weight, self.bias,
-                                  self.mean_weight, self.var_weight)
+        y = switch_norm_function(x, coef, self.weight, self.bias,
+                                 self.mean_weight, self.var_weight)
         if branch is not None:
             self._after_batch(branch, spatial)
         self._after_ratios(coef.ratios)
-        return y3.view(x.shape)
+        return y
 
     def _after_ratios(self, ratios):
         """Hook for SSN (freezing one-hot ratios)."""

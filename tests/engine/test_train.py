@@ -177,3 +177,29 @@ def test_bad_checkpoint_and_missing_data_are_one_line_errors(tiny, tmp_path):
     proc = _train(tiny, str(tmp_path / "r"), f"data.root={tmp_path}/nowhere", check=False)
     assert proc.returncode == 1 and "nowhere" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
+
+
+def test_demo_config_under_torchrun_on_generated_data(tmp_path):
+    """The README's demo config, unchanged but shortened, on 2 gloo processes; the demo
+    dataset is generated on first use into SN_DEMO_DIR."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={free_port()}", "train.py", "--config", "configs/demo/resnet_sn.yaml",
+           f"output_dir={tmp_path / 'run'}", "train.max_iters=3", "train.print_freq=1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(SN_DEMO_DIR=str(tmp_path / "cache")),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "on 2 process(es) x 2 virtual GPU(s)" in proc.stdout  # (4, 16) on 2 processes
+    assert "iter 3/" in proc.stdout
+    rows = _metrics(tmp_path / "run")
+    assert rows[-1]["val_count"] == 500
+
+
+def test_demo_config_with_dali_on_the_cpu(tiny, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    proc = _train("configs/demo/resnet_sn.yaml", str(tmp_path / "run"),
+                  f"data.root={yaml.safe_load(open(tiny))['data']['root']}",
+                  "data.demo_size=40", "model.num_classes=4", "data.backend=dali",
+                  "train.max_iters=3",
+                  "data.workers=1")
+    assert "DALI" in proc.stdout
+    assert _metrics(tmp_path / "run")[-1]["val_count"] == 24

@@ -228,8 +228,10 @@ def test_no_sn_after_a_1x1_feature_map(norm):
     assert model.norm_overrides == _layer4_norms(model)
     for n in model.norm_names():
         m = model.get_submodule(n)
-        if n in model.norm_overrides:
-            assert type(m) is normalization.BatchNorm2d and m.ghost_batch_size == 2
+        if n in model.norm_overrides:  # a synchronised SN stays synchronised, as SyncBN
+            expected = normalization.SyncBatchNorm2d if norm == "syncsn" else \
+                normalization.BatchNorm2d
+            assert type(m) is expected and m.ghost_batch_size == 2
         else:
             assert isinstance(m, normalization.SWITCH_LAYERS)
     assert torch.isfinite(model(torch.randn(4, 3, 32, 32))).all()
