@@ -17,9 +17,8 @@ import json
 import os
 import sys
 
-from data import BadImageError
-from engine.checkpoint import CheckpointError, load_checkpoint
-from engine.config import ConfigError, from_dict, load_config, resolve
+from engine.checkpoint import load_checkpoint
+from engine.config import ConfigError, from_dict, load_config, resolve, strip_derived
 
 
 def parse_args(argv=None):
@@ -44,12 +43,7 @@ def _config(args, state):
         return load_config(args.config, args.overrides)
     if isinstance(state.get("config"), dict):
         from engine.config import apply_overrides
-        data = state["config"]
-        for section in ("batch", "optim"):  # derived values are recomputed
-            data[section] = {k: v for k, v in data[section].items()
-                             if k not in ("world_size", "virtual_gpus", "per_process", "total",
-                                          "lr")}
-        return from_dict(apply_overrides(data, args.overrides))
+        return from_dict(apply_overrides(strip_derived(state["config"]), args.overrides))
     raise ConfigError(f"{args.checkpoint} holds no config: pass --config (e.g. a file in "
                       "configs/imagenet/zoo/) for the data and batch settings")
 
@@ -71,10 +65,7 @@ def run(args) -> dict:
                   device=info.device)
     val = build_loader(cfg.data, "val", args.batch_size or cfg.batch.per_process, **common)
     if args.batch_average:
-        # statistics per virtual GPU, as in training: ghost batches of per_gpu samples
-        for _, layer in normalization.batch_stat_layers(model):
-            if not layer.sync:
-                layer.ghost_batch_size = cfg.batch.per_gpu
+        normalization.set_ghost_batches(model, cfg.batch.per_gpu)  # per virtual GPU
         train = build_loader(cfg.data, "train", cfg.batch.per_process, **common)
         train.set_epoch(0)
         n = -(-args.batch_average // cfg.batch.total)
@@ -94,18 +85,9 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
+    from engine.cli import run_cli
     args = parse_args(argv)
-    from engine.distributed import cleanup
-    try:
-        run(args)
-    except (ConfigError, CheckpointError, BadImageError, FileNotFoundError, ValueError) as e:
-        if os.environ.get("SN_TRACEBACK"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        cleanup()
-    return 0
+    return run_cli(lambda: run(args))
 
 
 if __name__ == "__main__":

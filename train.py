@@ -13,8 +13,6 @@ import argparse
 import os
 import sys
 
-from data import BadImageError
-from engine.checkpoint import CheckpointError
 from engine.config import ConfigError, describe_schema, format_config, load_config, resolve
 
 
@@ -48,19 +46,11 @@ def main(argv=None) -> int:
     if args.print_config:
         print(format_config(cfg), end="")
         return 0
-    from engine.distributed import cleanup, init_distributed
+    from engine.cli import run_cli
+    from engine.distributed import init_distributed
     from engine.trainer import NonFiniteLossError, Trainer
-    try:
-        Trainer(cfg, init_distributed(cfg.train.device)).fit()
-    except (ConfigError, CheckpointError, NonFiniteLossError, BadImageError, FileNotFoundError,
-            ValueError) as e:
-        if os.environ.get("SN_TRACEBACK"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        cleanup()
-    return 0
+    return run_cli(lambda: Trainer(cfg, init_distributed(cfg.train.device)).fit(),
+                   extra_errors=(NonFiniteLossError,))
 
 
 if __name__ == "__main__":

@@ -100,6 +100,7 @@ def _window(module: nn.Module) -> Optional[Tuple[int, int, int]]:
     """(kernel, stride, dilation) of a conv or pooling module; None for other modules."""
     if not isinstance(module, (nn.modules.conv._ConvNd, nn.MaxPool2d, nn.AvgPool2d)):
         return None
+
     def first(v):
         return int(max(v)) if isinstance(v, (tuple, list)) else int(v)
     dilation = getattr(module, "dilation", 1)
@@ -381,6 +382,8 @@ def _grid(n_panels: int, cols: int = 8) -> Tuple[Figure, List]:
     axes = list(axes.ravel())
     for ax in axes[n_panels:]:
         ax.set_visible(False)
+    for ax in axes[max(0, n_panels - cols):n_panels]:  # the lowest panel of each column
+        ax.xaxis.set_tick_params(labelbottom=True)
     return fig, axes
 
 

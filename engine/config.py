@@ -28,7 +28,7 @@ import yaml
 from data.config import DataConfig
 
 __all__ = ["Config", "ConfigError", "load_config", "resolve", "to_dict", "from_dict",
-           "apply_overrides", "format_config", "describe_schema"]
+           "strip_derived", "apply_overrides", "format_config", "describe_schema"]
 
 
 class ConfigError(ValueError):
@@ -340,6 +340,19 @@ def from_dict(data: dict) -> Config:
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def strip_derived(data: dict) -> dict:
+    """A copy of a config dict without the values ``resolve`` derives (a stored config
+    becomes loadable again for another world size)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        if dataclasses.is_dataclass(hints[f.name]) and isinstance(out.get(f.name), dict):
+            for sub in dataclasses.fields(hints[f.name]):
+                if sub.metadata.get("derived"):
+                    out[f.name].pop(sub.name, None)
+    return out
 
 
 def load_config(path: Optional[str], overrides: Optional[List[str]] = None) -> Config:

@@ -294,7 +294,6 @@ class Trainer:
         self.meters_state = None
         self.net.train()
         loader.set_epoch(self.epoch, self.iter)
-        total_iters = cfg.train.epochs * len(loader)
         window = {"start": time.perf_counter(), "data": 0.0, "iters": 0}
         bad = torch.full((), -1, dtype=torch.long, device=self.device)
         # on GPUs a check synchronises with the host: every 10 iterations at most
@@ -440,6 +439,10 @@ class Trainer:
             for kind, w in zip(("mean", "var"), layer.switch_ratios()):
                 for norm, value in zip(layer.normalizers, w.tolist()):
                     self._scalar(f"ratios/{name}/{kind}/{norm}", value, self.epoch)
+        if self.writer is not None and self.cfg.log.ratio_figures:
+            from analysis import ratio_figures  # matplotlib: imported only when needed
+            for tag, figure in ratio_figures(self.model, f"epoch {self.epoch}").items():
+                self.writer.add_figure(tag, figure, self.epoch)
 
 
 def _hms(seconds: float) -> str:

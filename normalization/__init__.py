@@ -5,7 +5,7 @@ implementation, sparse SN, SyncBN/SyncSN, ghost batches, batch-average
 inference, and the helpers to read and switch the importance ratios.
 """
 from .batch_average import (abort_batch_average, batch_stat_layers, begin_batch_average,
-                            finalize_batch_average, update_batch_average)
+                            finalize_batch_average, set_ghost_batches, update_batch_average)
 from .batchnorm import BatchNorm2d, SyncBatchNorm2d
 from .convert import convert_norm, convert_sync, replace_modules
 from .ratios import ratios, set_hard_ratios, switch_layers
@@ -24,5 +24,5 @@ __all__ = [
     "ratios", "set_hard_ratios", "switch_layers",
     "convert_norm", "convert_sync", "replace_modules",
     "begin_batch_average", "finalize_batch_average", "abort_batch_average",
-    "update_batch_average", "batch_stat_layers",
+    "update_batch_average", "batch_stat_layers", "set_ghost_batches",
 ]

@@ -26,13 +26,23 @@ import torch.nn as nn
 from .batch_stats import BatchStatsMixin
 
 __all__ = ["begin_batch_average", "finalize_batch_average", "abort_batch_average",
-           "update_batch_average", "batch_stat_layers"]
+           "update_batch_average", "batch_stat_layers", "set_ghost_batches"]
 
 
 def batch_stat_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     """(name, layer) of every layer whose BN branch has running statistics."""
     return [(n, m) for n, m in model.named_modules()
             if isinstance(m, BatchStatsMixin) and getattr(m, "running_mean", None) is not None]
+
+
+def set_ghost_batches(model: nn.Module, per_gpu: Optional[int]) -> int:
+    """Batch statistics per virtual GPU of ``per_gpu`` samples in every non-synced
+    batch-statistics layer (synced layers pool all GPUs); returns the number of layers."""
+    layers = batch_stat_layers(model)
+    for _, layer in layers:
+        if not layer.sync:
+            layer.ghost_batch_size = per_gpu
+    return len(layers)
 
 
 def begin_batch_average(model: nn.Module) -> int:

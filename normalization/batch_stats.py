@@ -21,7 +21,7 @@ statistics, and the paper's batch-average inference (Sec. 4.1.3, "Inference").
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.distributed as dist

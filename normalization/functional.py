@@ -244,9 +244,10 @@ class BatchBranch:
 
 def _pooled(mu: Tensor, var: Tensor, dim: int) -> Tuple[Tensor, Tensor]:
     """Mean and variance of the union of equally sized groups along ``dim``:
-    ``mean(var) + var(mu)``, i.e. Eq. (4) with deviations (no cancellation)."""
-    var_mu, mean = torch.var_mean(mu, dim, correction=0, keepdim=True)
-    return mean, var.mean(dim, keepdim=True) + var_mu
+    ``mean(var + (mu - mean)^2)``, i.e. Eq. (4) with deviations (no cancellation)."""
+    inv_n = 1.0 / mu.shape[dim]  # sums: much faster than var_mean at these sizes
+    mean = mu.sum(dim, keepdim=True) * inv_n
+    return mean, (var + (mu - mean).square()).sum(dim, keepdim=True) * inv_n
 
 
 def _pooled_backward(mu: Tensor, mean: Tensor, g_mean: Tensor, g_var: Tensor):

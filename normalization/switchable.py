@@ -134,8 +134,8 @@ class _SwitchNormBase(BatchStatsMixin, nn.Module):
 
     def _hard_bn_only(self) -> bool:
         """Eval with hard ratios that pick BN for mean and variance (cached on host)."""
-        if not (self.hard_ratios and self.using_bn):
-            return False
+        if not (self.hard_ratios and self.using_bn) or torch.compiler.is_compiling():
+            return False  # (under torch.compile/export: the general path, no host reads)
         key = (self.mean_weight._version, self.var_weight._version,
                self.mean_weight.data_ptr(), self.var_weight.data_ptr())
         if self._hard_cache is None or self._hard_cache[0] != key:

@@ -34,22 +34,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 import normalization  # noqa: E402
-from data import BadImageError, build_loader, ensure_demo_dataset  # noqa: E402
-from engine.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
-from engine.config import Config, ConfigError, resolve  # noqa: E402
+from data import build_loader, ensure_demo_dataset  # noqa: E402
+from engine.checkpoint import save_checkpoint  # noqa: E402
+from engine.cli import run_cli  # noqa: E402
+from engine.config import Config, resolve  # noqa: E402
 from tools.convert_checkpoint import (checkpoint_config, model_from_state,  # noqa: E402
                                       our_checkpoint, read_checkpoint)
 
-__all__ = ["set_ghost_batches", "train_loader", "batches", "collect", "main"]
-
-
-def set_ghost_batches(model: torch.nn.Module, per_gpu: int) -> int:
-    """Statistics per virtual GPU (as evaluate.py does); synced layers pool anyway."""
-    layers = normalization.batch_stat_layers(model)
-    for _, layer in layers:
-        if not layer.sync:
-            layer.ghost_batch_size = per_gpu
-    return len(layers)
+__all__ = ["train_loader", "batches", "collect", "main"]
 
 
 def _eval_transform_loader(cfg: Config, batch: int, **common):
@@ -128,7 +120,7 @@ def run(args) -> dict:
     if cfg.data.dataset == "demo" and cfg.data.root is None:
         cfg.data.root = str(ensure_demo_dataset(None, cfg.data.demo_size))
     model = model.to(info.device)
-    set_ghost_batches(model, cfg.batch.per_gpu)
+    normalization.set_ghost_batches(model, cfg.batch.per_gpu)
     loader = train_loader(cfg, args.transform, info.rank, info.world_size, info.device)
     num_batches = max(1, math.ceil(args.samples / cfg.batch.total))
     bar, tick = _progress_bar(info.main and not args.quiet, num_batches * cfg.batch.total,
@@ -176,17 +168,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from engine.distributed import cleanup
-    try:
-        run(args)
-    except (ConfigError, CheckpointError, BadImageError, FileNotFoundError, ValueError) as e:
-        if os.environ.get("SN_TRACEBACK"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        cleanup()
-    return 0
+    return run_cli(lambda: run(args))
 
 
 if __name__ == "__main__":

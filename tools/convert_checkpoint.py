@@ -3,7 +3,8 @@
 
     python tools/convert_checkpoint.py "ResNet50v1+SN(8,32)-77.49.pth" resnet50_v1_sn_8x32.pth \\
         --config configs/imagenet/zoo/resnet50_v1_sn_8x32_cosine.yaml
-    python tools/convert_checkpoint.py runs/resnet_sn/checkpoint_best.pth sn.safetensors --safetensors
+    python tools/convert_checkpoint.py runs/resnet_sn/checkpoint_best.pth sn.safetensors \\
+        --safetensors
     python tools/convert_checkpoint.py sn.safetensors sn.pth        # and back
 
 The output is our checkpoint (``{"format", "config", "model"}``, what
@@ -21,6 +22,7 @@ This module also holds the checkpoint helpers the other tools share.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import struct
@@ -33,15 +35,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 from engine.checkpoint import FORMAT, CheckpointError, load_checkpoint  # noqa: E402
-from engine.config import (Config, ConfigError, apply_overrides, from_dict,  # noqa: E402
-                           load_config, to_dict)
+from engine.cli import run_cli  # noqa: E402
+from engine.config import (Config, apply_overrides, from_dict,  # noqa: E402
+                           load_config, strip_derived, to_dict)
 from models import build_model  # noqa: E402
 from models.checkpoint import load_weights, model_kwargs_from_checkpoint  # noqa: E402
 
 __all__ = ["read_checkpoint", "model_from_state", "checkpoint_config", "our_checkpoint",
-           "config_without_derived", "write_safetensors", "is_safetensors", "convert", "main"]
+           "write_safetensors", "is_safetensors", "convert", "main"]
 
-DERIVED = {"batch": ("world_size", "virtual_gpus", "per_process", "total"), "optim": ("lr",)}
 _MODEL_KEYS = ("name", "norm", "num_classes", "norm_kwargs", "zero_init_last", "dropout",
                "stem", "width")
 
@@ -94,15 +96,6 @@ def model_from_state(path: str, state: dict) -> Tuple[nn.Module, dict]:
 
 
 # -- configs ----------------------------------------------------------------------------------
-def config_without_derived(data: dict) -> dict:
-    """A config dict without the values ``resolve`` derives (so it loads as a config file)."""
-    data = json.loads(json.dumps(data))  # a deep copy of plain values
-    for section, keys in DERIVED.items():
-        for key in keys:
-            data.get(section, {}).pop(key, None)
-    return data
-
-
 def checkpoint_config(path: str, state: dict, kwargs: dict, config_path: Optional[str] = None,
                       overrides: Sequence[str] = ()) -> Config:
     """The config for a checkpoint: --config, else the stored one, else the defaults; the
@@ -110,13 +103,13 @@ def checkpoint_config(path: str, state: dict, kwargs: dict, config_path: Optiona
     if config_path:
         cfg = load_config(config_path, list(overrides))
     elif isinstance(state.get("config"), dict):
-        cfg = from_dict(apply_overrides(config_without_derived(state["config"]), list(overrides)))
+        cfg = from_dict(apply_overrides(strip_derived(state["config"]), list(overrides)))
     else:
         cfg = from_dict(apply_overrides({}, list(overrides)))
-    for key in _MODEL_KEYS:
-        if key in kwargs:
-            value = kwargs[key]
-            setattr(cfg.model, key, dict(value or {}) if key == "norm_kwargs" else value)
+    defaults = {k: p.default for k, p in inspect.signature(build_model).parameters.items()}
+    for key in _MODEL_KEYS:  # an authors' file names fewer: build_model's defaults built it
+        value = kwargs.get(key, defaults.get(key))
+        setattr(cfg.model, key, dict(value or {}) if key == "norm_kwargs" else value)
     if kwargs.get("input_size"):
         cfg.data.image_size = int(kwargs["input_size"])
     return cfg
@@ -177,14 +170,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
+
+    def run():
         info = convert(args.input, args.output, args.safetensors, args.config, args.overrides)
-    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"{args.input} -> {args.output}: {info['model']} with {info['norm']} "
-          f"{info['norm_kwargs'] or ''} ({info['tensors']} tensors)")
-    return 0
+        print(f"{args.input} -> {args.output}: {info['model']} with {info['norm']} "
+              f"{info['norm_kwargs'] or ''} ({info['tensors']} tensors)")
+    return run_cli(run)
 
 
 if __name__ == "__main__":

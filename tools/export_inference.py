@@ -36,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
-from engine.config import ConfigError  # noqa: E402
+from engine.cli import run_cli  # noqa: E402
 from models import build_model  # noqa: E402
 from models.checkpoint import load_weights, model_kwargs_from_checkpoint  # noqa: E402
 from normalization.fold import fold_hard_bn, fold_plan, restructure  # noqa: E402
@@ -87,14 +87,16 @@ def time_models(models: Dict[str, nn.Module], x: torch.Tensor, repeats: int = 20
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _check(folded: nn.Module, model: nn.Module, shape, seed: int = 0) -> Dict[str, float]:
-    """Relative max differences in float32 and float64; raises when over TOLERANCE."""
+def _check(model: nn.Module, shape, seed: int = 0, **fold_kwargs) -> Dict[str, float]:
+    """Relative max |folded - unfolded| of ``model`` folded in float32 and in float64;
+    raises when over TOLERANCE."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, generator=g)
     out = {}
     for dtype in (torch.float32, torch.float64):
-        a, b = copy.deepcopy(model).to(dtype), copy.deepcopy(folded).to(dtype)
-        diff, scale = max_difference(a, b, x.to(dtype))
+        unfolded = copy.deepcopy(model).to(dtype)
+        folded, _ = fold_hard_bn(copy.deepcopy(unfolded), **fold_kwargs)
+        diff, scale = max_difference(unfolded, folded, x.to(dtype))
         out[str(dtype).replace("torch.", "")] = rel = diff / max(scale, 1e-30)
         if rel > TOLERANCE[dtype]:
             raise RuntimeError(f"folded and unfolded outputs differ by {rel:.3g} (relative) in "
@@ -113,7 +115,7 @@ def export(src: str, dst: str, into_conv: bool = True, keep_batchnorm: bool = Fa
                              include_batchnorm=not keep_batchnorm)
     size = size or cfg.data.val_crop
     shape = (batch, 3, size, size)
-    diffs = _check(folded, model, shape)
+    diffs = _check(model, shape, into_conv=into_conv, include_batchnorm=not keep_batchnorm)
     if threads:
         torch.set_num_threads(threads)
     times = time_models({"unfolded": model, "folded": folded}, torch.randn(*shape), repeats)
@@ -147,16 +149,17 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        info = export(args.checkpoint, args.out, not args.no_into_conv, args.keep_batchnorm,
-                      args.batch, args.size, args.repeats, args.threads)
-    except (CheckpointError, ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
-        if os.environ.get("SN_TRACEBACK"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_cli(lambda: report(args, export(
+        args.checkpoint, args.out, not args.no_into_conv, args.keep_batchnorm, args.batch,
+        args.size, args.repeats, args.threads)), extra_errors=(RuntimeError,))
+
+
+def report(args, info: dict) -> int:
     print(f"{args.checkpoint} -> {args.out}: {info['folded_layers']} layers folded "
           f"({info['into_conv']} into their conv)")
+    if not info["folded_layers"]:
+        print("note: no layer is a per-channel affine in eval (soft ratios? run "
+              "tools/sparsify.py first)")
     print(f"max |folded - unfolded| / max |output|: float32 "
           f"{info['relative_difference']['float32']:.2e} (tolerance 1e-5), float64 "
           f"{info['relative_difference']['float64']:.2e} (tolerance 1e-12)")

@@ -44,8 +44,7 @@ from analysis.ratio_figures import (DEFAULT_EPS, NORMALIZERS, LayerInfo,  # noqa
                                     dynamics_figure, hard_choices, hard_ratio_figure,
                                     history_from_tensorboard, layers_figure, network_average,
                                     save_figure, snapshot, symmetric_kl)
-from engine.checkpoint import CheckpointError  # noqa: E402
-from engine.config import ConfigError  # noqa: E402
+from engine.cli import run_cli  # noqa: E402
 from tools.convert_checkpoint import model_from_state, read_checkpoint  # noqa: E402
 
 __all__ = ["Source", "load_source", "plot", "main"]
@@ -61,6 +60,7 @@ class Source:
     snap: RatioSnapshot
     infos: List[LayerInfo]
     history: Optional[RatioHistory] = None
+    setting: str = ""  # the label before epochs were added: checkpoints of one run share it
 
 
 def _checkpoint_in(folder: str) -> str:
@@ -92,7 +92,7 @@ def load_source(path: str, label: Optional[str] = None, tensorboard: bool = True
     tb = os.path.join(run, "tb") if run else None
     if tensorboard and tb and os.path.isdir(tb):
         history = history_from_tensorboard(tb, snap.label)
-    return Source(path, snap, snap.infos, history)
+    return Source(path, snap, snap.infos, history, snap.label)
 
 
 def _unique_labels(sources: Sequence[Source]):
@@ -175,7 +175,7 @@ def _write_csv(path: str, rows: List[dict]):
         writer.writerows(rows)
 
 
-# -- figures ----------------------------------------------------------------------------------------
+# -- figures --------------------------------------------------------------------------------
 class _Writer:
     def __init__(self, out: str, formats: Sequence[str], dpi: int):
         self.out, self.formats, self.dpi = out, formats, dpi
@@ -187,16 +187,16 @@ class _Writer:
 
 def _runs(sources: Sequence[Source]) -> List[tuple]:
     """(label, history, infos): each run's TensorBoard history, and the checkpoint files
-    of one architecture (2+ epochs) taken as snapshots of one run."""
+    of one architecture and batch setting at 2+ epochs, taken as snapshots of one run."""
     runs = [(s.snap.label, s.history, s.infos) for s in sources if s.history is not None]
     files = [s for s in sources if not os.path.isdir(s.path)]
     groups: Dict[tuple, List[Source]] = {}
     for s in files:
-        groups.setdefault(tuple(s.snap.layers), []).append(s)
+        groups.setdefault((tuple(s.snap.layers), s.setting), []).append(s)
     for group in groups.values():
         epochs = {s.snap.epoch for s in group}
         if len(group) > 1 and None not in epochs and len(epochs) == len(group):
-            label = "checkpoints" if len(groups) == 1 else f"checkpoints {group[0].snap.label}"
+            label = "checkpoints" if len(groups) == 1 else f"checkpoints {group[0].setting}"
             runs.append((label, RatioHistory.from_snapshots([s.snap for s in group], label),
                          group[0].infos))
     return runs
@@ -293,17 +293,13 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
+
+    def run():
         result = plot(args.checkpoint, args.out, args.labels, args.snapshots,
                       [f.strip() for f in args.formats.split(",") if f.strip()], args.eps,
                       args.dpi)
-    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
-        if os.environ.get("SN_TRACEBACK"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {len(result['files'])} figures and 5 tables to {args.out}")
-    return 0
+        print(f"wrote {len(result['files'])} figures and 5 tables to {args.out}")
+    return run_cli(run)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ already applied and the milestones shifted (exact); for ``cosine``, a cosine
 from the learning rate reached at that epoch down to ``min_lr`` over the
 remaining epochs (the trainer's cosine always starts at its top, so this is
 the closest it can run; the original tail is flatter at first); a warm-up not
-yet finished continues from where it was.
+yet finished continues from where it was. To finetune a finished run, give
+--epochs N and --base-lr (the schedule's learning rate at its end is ~0).
 """
 from __future__ import annotations
 
@@ -38,11 +39,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 import normalization  # noqa: E402
-from engine.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
-from engine.config import Config, ConfigError, resolve, to_dict  # noqa: E402
+from engine.checkpoint import save_checkpoint  # noqa: E402
+from engine.cli import run_cli  # noqa: E402
+from engine.config import Config, resolve, strip_derived, to_dict  # noqa: E402
 from engine.optim import lr_factor  # noqa: E402
-from tools.convert_checkpoint import (checkpoint_config, config_without_derived,  # noqa: E402
-                                      model_from_state, our_checkpoint, read_checkpoint)
+from tools.convert_checkpoint import (checkpoint_config, model_from_state,  # noqa: E402
+                                      our_checkpoint, read_checkpoint)
 
 __all__ = ["sparsify_model", "finetune_config", "main"]
 
@@ -88,15 +90,20 @@ def _remaining_schedule(cfg: Config, epoch: float, epochs_left: int) -> dict:
 
 
 def finetune_config(cfg: Config, init: str, epoch: float, epochs: Optional[int] = None,
-                    output_dir: Optional[str] = None) -> Tuple[dict, int]:
-    """The config dict that finetunes the hard-ratio checkpoint ``init`` (paper Table 3)."""
+                    output_dir: Optional[str] = None, base_lr: Optional[float] = None,
+                    ) -> Tuple[dict, int]:
+    """The config dict that finetunes the hard-ratio checkpoint ``init`` (paper Table 3);
+    ``base_lr`` replaces the learning rate the schedule reached at ``epoch``."""
     left = cfg.train.epochs - epoch if epochs is None else epochs
     if left < 1:
         raise ValueError(f"the checkpoint is at epoch {epoch:g} of a {cfg.train.epochs}-epoch "
-                         "schedule: no epochs are left to finetune; pass --epochs N")
-    data = config_without_derived(to_dict(cfg))
+                         "schedule: no epochs are left to finetune; pass --epochs N and "
+                         "--base-lr")
+    data = strip_derived(to_dict(cfg))
     for section, values in _remaining_schedule(cfg, epoch, int(round(left))).items():
         data[section].update(values)
+    if base_lr is not None:
+        data["optim"]["base_lr"] = float(base_lr)
     data["checkpoint"].update(init=os.path.abspath(init), resume=True)
     data["output_dir"] = output_dir or f"{cfg.output_dir or 'runs/finetune'}_hard_e{epoch:g}"
     return data, int(round(left))
@@ -134,15 +141,16 @@ def run(args) -> dict:
     out = our_checkpoint(cfg, model, hard_ratios=choices, source_epoch=epoch,
                          sparsified_from=os.path.basename(args.checkpoint))
     model_from_state(args.out, out)  # it rebuilds, with hard ratios, from its own config
+    if args.config_out:  # before writing anything: it may find no epochs left
+        data, left = finetune_config(resolve(cfg, 1), args.out, epoch, args.epochs,
+                                     args.output_dir, args.base_lr)
     save_checkpoint(args.out, out)
     print(f"{args.checkpoint} -> {args.out}: {_summary(choices)}")
     if args.config_out:
-        data, left = finetune_config(resolve(cfg, 1), args.out, epoch, args.epochs,
-                                     args.output_dir)
         with open(args.config_out, "w") as f:
-            f.write(f"# finetune {os.path.basename(args.out)} (hard ratios) for the {left} "
-                    f"epochs left after epoch {epoch:g}; written by tools/sparsify.py\n")
-            yaml.safe_dump(data, f, sort_keys=False, default_flow_style=None)
+            f.write(f"# finetune {os.path.basename(args.out)} (hard ratios) for {left} epochs "
+                    f"from epoch {epoch:g}; written by tools/sparsify.py\n")
+            yaml.safe_dump(data, f, sort_keys=False, default_flow_style=False)
         print(f"finetuning config: {args.config_out} ({left} epochs, base_lr "
               f"{data['optim']['base_lr']:g}, output_dir {data['output_dir']})")
     return choices
@@ -162,6 +170,9 @@ def parse_args(argv=None):
                     help="epoch the checkpoint was taken at (default: its 'epoch' entry)")
     ap.add_argument("--epochs", type=int, default=None,
                     help="epochs to finetune (default: those left in the schedule)")
+    ap.add_argument("--base-lr", type=float, default=None,
+                    help="base_lr of the finetuning run (default: the schedule's at that epoch; "
+                    "give one to finetune a finished run)")
     ap.add_argument("--output-dir", help="output_dir of the finetuning run")
     ap.add_argument("--margin", type=float, default=10.0,
                     help="value written into the chosen logit (the others are 0)")
@@ -171,14 +182,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
-        if os.environ.get("SN_TRACEBACK"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from models import build_model
 from . import randomize, run_main, save_ours, tiny_config_dict, tiny_dataset, tiny_model, \
     write_config
 
-from tools import plot_ratios  # noqa: E402  (tools/ is a namespace package)
+from tools import plot_ratios  # tools/ is a namespace package
 
 
 def test_resnet50_layers_kinds_and_receptive_fields():
@@ -70,19 +70,23 @@ def test_tool_on_checkpoint_files(tmp_path):
     for epoch in (1, 2):
         model = randomize(tiny_model(), seed=epoch)
         paths.append(save_ours(tmp_path / f"e{epoch}.pth", model, cfg, epoch=epoch))
+    other = save_ours(tmp_path / "other.pth", randomize(tiny_model(), seed=3),
+                      tiny_config_dict("/x", batch={"gpus": 4, "per_gpu": 4}), epoch=3)
     bn = save_ours(tmp_path / "bn.pth", tiny_model("bn"), tiny_config_dict("/x", model={
         "norm": "bn"}))
     out = tmp_path / "figs"
-    rc, stdout, err = run_main(plot_ratios.main, ["--checkpoint", *paths, bn, "--out", out])
+    rc, stdout, err = run_main(plot_ratios.main, ["--checkpoint", *paths, other, bn, "--out",
+                                                  out, "--dpi", 40, "--formats", "png"])
     assert rc == 0, err
     assert "has no SN layer; skipped" in err
     figs = ["fig4_average", "fig5_layers_2_8_epoch_1", "fig5_layers_2_8_epoch_2",
-            "fig7_mean_checkpoints", "fig7_var_checkpoints", "fig7_divergence_checkpoints",
-            "fig8_hard_checkpoints"]
-    _files_ok(out, [f"{f}.{ext}" for f in figs for ext in ("png", "svg")])
+            "fig5_layers_4_4", "fig7_mean_checkpoints_2_8", "fig7_var_checkpoints_2_8",
+            "fig7_divergence_checkpoints_2_8", "fig8_hard_checkpoints_2_8"]
+    _files_ok(out, [f"{f}.png" for f in figs])
     _files_ok(out, ["average.csv", "layers.csv", "dynamics.csv", "hard.csv", "ratios.json"])
+    assert not [f for f in os.listdir(out) if "4_4" in f and f.startswith("fig7")]
     rows = list(csv.DictReader(open(out / "average.csv")))
-    assert [r["label"] for r in rows] == ["(2, 8) epoch 1", "(2, 8) epoch 2"]
+    assert [r["label"] for r in rows] == ["(2, 8) epoch 1", "(2, 8) epoch 2", "(4, 4)"]
     assert "layers pick different normalizers for mu and sigma" in stdout
     # the averages are those of the model
     model = randomize(tiny_model(), seed=1)
@@ -116,7 +120,7 @@ def tiny_run(tmp_path_factory):
 def test_tool_on_a_run_output_dir(tiny_run, tmp_path):
     out = tmp_path / "figs"
     rc, stdout, err = run_main(plot_ratios.main, ["--checkpoint", tiny_run, "--out", out,
-                                                  "--snapshots", "1,2"])
+                                                  "--snapshots", "1,2", "--dpi", 40])
     assert rc == 0, err
     figs = ["fig4_average", "fig5_layers_2_8", "fig7_mean_2_8", "fig7_var_2_8",
             "fig7_divergence_2_8", "fig8_hard_2_8"]
