@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["instance_stats", "apply_scale_shift", "switch_norm_function", "Coefficients",
-           "BatchBranch", "SoftmaxRatios", "HardRatios", "chunk_ids"]
+           "BatchBranch", "SoftmaxRatios", "HardRatios", "chunk_ids", "set_triton_enabled"]
 
 _FAST_DTYPES = (torch.float32, torch.float64)
 
@@ -58,9 +58,20 @@ def _triton_kernels():
     return tk if tk.triton_available() and not tk.INTERPRET else None
 
 
+_TRITON_ENABLED = True
+
+
+def set_triton_enabled(enabled: bool) -> bool:
+    """Use the Triton kernels on CUDA (default) or PyTorch's native kernels; returns the
+    previous setting (benchmarks compare both paths in one process)."""
+    global _TRITON_ENABLED
+    previous, _TRITON_ENABLED = _TRITON_ENABLED, bool(enabled)
+    return previous
+
+
 def _triton_for(x: Tensor):
     """Triton kernels for CUDA tensors whose samples fit 32-bit indexing, else None."""
-    if not x.is_cuda or x[0].numel() >= 2 ** 31:
+    if not (_TRITON_ENABLED and x.is_cuda) or x[0].numel() >= 2 ** 31:
         return None
     return _triton_kernels()
 

@@ -7,7 +7,10 @@ each turn a layer runs a short block of steps (the first one unrecorded) so
 that it is measured in its own steady state, as it would run in a training
 loop. The median over all recorded steps is reported, with its ratio to
 ``nn.BatchNorm2d`` measured in the same process. ``sn-ref`` is the
-authors' algorithm in plain PyTorch ops (``normalization.reference``).
+authors' algorithm in plain PyTorch ops (``normalization.reference``). On CUDA
+``sn`` runs the fused Triton kernels and ``sn-native`` the same layer on
+PyTorch's native kernels; four modes: fp32 and bf16 autocast, NCHW and
+channels_last (cuDNN BatchNorm2d is the reference in each).
 
     python tools/benchmark_norm.py                   # CPU, and CUDA when present
     python tools/benchmark_norm.py --device cpu --repeats 15 --json out.json
@@ -27,11 +30,15 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from normalization import build_norm  # noqa: E402
+from normalization.functional import set_triton_enabled  # noqa: E402
 from normalization.reference import ReferenceSwitchNorm2d  # noqa: E402
 
 SHAPES = [(32, 64, 56, 56), (32, 256, 56, 56), (32, 512, 28, 28), (8, 1024, 14, 14),
           (2, 256, 56, 56)]
 NORMS = ["bn", "gn", "in", "ln", "sn", "ssn", "sn-ref"]
+CUDA_NORMS = ["bn", "gn", "sn", "sn-native", "ssn", "sn-ref"]
+MODES = {"fp32": (False, False), "fp32-cl": (False, True), "bf16": (True, False),
+         "bf16-cl": (True, True)}  # (bf16 autocast, channels_last)
 
 
 def make_layer(name: str, channels: int) -> nn.Module:
@@ -39,6 +46,8 @@ def make_layer(name: str, channels: int) -> nn.Module:
         return nn.BatchNorm2d(channels)
     if name == "sn-ref":
         return ReferenceSwitchNorm2d(channels)
+    if name == "sn-native":
+        return build_norm("sn", channels)
     layer = build_norm(name, channels)
     if name == "ssn":
         layer.set_radius(0.3)
@@ -64,28 +73,31 @@ class Timer:
 
 def bench_shape(shape, norms, device, mode, warmup, repeats, block=3):
     """Median fwd+bwd milliseconds of each normalizer at one shape."""
-    dtype_ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if mode == "bf16-cl" \
-        else nullcontext
-    fmt = torch.channels_last if mode == "bf16-cl" else torch.contiguous_format
+    bf16, cl = MODES[mode]
+    dtype_ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
+    fmt = torch.channels_last if cl else torch.contiguous_format
     x = torch.randn(shape, device=device).to(memory_format=fmt).requires_grad_()
-    grad = torch.randn(shape, device=device,
-                       dtype=torch.bfloat16 if mode == "bf16-cl" else torch.float32
+    grad = torch.randn(shape, device=device, dtype=torch.bfloat16 if bf16 else torch.float32
                        ).to(memory_format=fmt)
     layers = {n: make_layer(n, shape[1]).to(device).train() for n in norms}
 
-    def step(layer):
+    def step(layer, name):
         def run():
             x.grad = None
-            with dtype_ctx():
-                y = layer(x)
-            y.backward(grad.to(y.dtype))
+            previous = set_triton_enabled(name != "sn-native")
+            try:
+                with dtype_ctx():
+                    y = layer(x)
+                y.backward(grad.to(y.dtype))
+            finally:
+                set_triton_enabled(previous)
         return run
 
     timer = Timer(device)
     times = {n: [] for n in norms}
     for i in range(warmup + repeats):
         for n in norms:
-            run = step(layers[n])
+            run = step(layers[n], n)
             run()
             for _ in range(block):
                 t = timer(run)
@@ -110,7 +122,8 @@ def print_table(title, rows, norms):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="all", choices=["all", "cpu", "cuda"])
-    ap.add_argument("--norms", default=",".join(NORMS), help="comma-separated, bn first")
+    ap.add_argument("--norms", default=None, help="comma-separated (default: all; bn is "
+                    "always included)")
     ap.add_argument("--shapes", default=None,
                     help="semicolon-separated N,C,H,W (default: the ResNet-50 shapes)")
     ap.add_argument("--warmup", type=int, default=1, help="unrecorded rounds")
@@ -119,9 +132,9 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
 
-    norms = [n for n in args.norms.split(",") if n]
-    if "bn" not in norms:
-        norms.insert(0, "bn")
+    def chosen(default):
+        norms = [n for n in (args.norms or ",".join(default)).split(",") if n]
+        return norms if "bn" in norms else ["bn"] + norms
     shapes = SHAPES if not args.shapes else [
         tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
     runs = []
@@ -129,7 +142,7 @@ def main(argv=None):
         runs.append(("cpu", "fp32"))
     if args.device in ("all", "cuda") and torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
-        runs += [("cuda", "fp32"), ("cuda", "bf16-cl")]
+        runs += [("cuda", mode) for mode in MODES]
     elif args.device == "cuda":
         sys.exit("error: --device cuda but CUDA is not available")
 
@@ -137,6 +150,7 @@ def main(argv=None):
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     results = []
     for dev, mode in runs:
+        norms = chosen(NORMS if dev == "cpu" else CUDA_NORMS)
         rows = []
         for shape in shapes:
             res = bench_shape(shape, norms, torch.device(dev), mode, args.warmup, args.repeats,
