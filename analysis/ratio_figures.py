@@ -46,6 +46,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from normalization import switch_layers
+from normalization.fold import trace_modules
+
 __all__ = ["NORMALIZERS", "COLORS", "LayerInfo", "RatioSnapshot", "RatioHistory", "layer_infos",
            "snapshot", "network_average", "symmetric_kl", "average_figure", "layers_figure",
            "dynamics_figure", "divergence_figure", "hard_ratio_figure", "ratio_figures",
@@ -75,25 +78,6 @@ class LayerInfo:
     kind: str
     rf: Optional[int]
     normalizers: Tuple[str, ...] = NORMALIZERS
-
-
-def _switch_layers(model: nn.Module):
-    from normalization import switch_layers
-    return switch_layers(model)
-
-
-def _trace(model: nn.Module):
-    """fx graph with every module that has no children as a leaf (None if untraceable)."""
-    import torch.fx as fx
-
-    class _Tracer(fx.Tracer):
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return next(m.children(), None) is None
-
-    try:
-        return _Tracer().trace(model)
-    except Exception:  # data-dependent control flow: fall back to names
-        return None
 
 
 def _window(module: nn.Module) -> Optional[Tuple[int, int, int]]:
@@ -160,8 +144,8 @@ def _kind_from_name(model: nn.Module, name: str) -> str:
 
 def layer_infos(model: nn.Module) -> List[LayerInfo]:
     """Every SN layer of ``model`` in network order (module order), with kind and RF."""
-    layers = _switch_layers(model)
-    graph = _trace(model) if layers else None
+    layers = switch_layers(model)
+    graph = trace_modules(model) if layers else None
     rf_in, source = _walk(model, graph) if graph is not None else ({}, {})
     infos = []
     for name, layer in layers:
@@ -200,7 +184,7 @@ def snapshot(model: nn.Module, label: str = "", epoch: Optional[int] = None,
              infos: Optional[List[LayerInfo]] = None) -> RatioSnapshot:
     """The ratios every SN layer of ``model`` uses now (softmax, sparsestmax or hard)."""
     ratios = {}
-    for name, layer in _switch_layers(model):
+    for name, layer in switch_layers(model):
         mean, var = layer.switch_ratios()
         ratios[name] = {"mean": _full(mean.tolist(), layer.normalizers),
                         "var": _full(var.tolist(), layer.normalizers)}

@@ -30,7 +30,8 @@ from torch import Tensor
 
 from .switchable import _SwitchNormBase
 
-__all__ = ["FrozenAffine2d", "affine_coefficients", "fold_plan", "fold_hard_bn", "restructure"]
+__all__ = ["FrozenAffine2d", "affine_coefficients", "fold_plan", "fold_hard_bn", "restructure",
+           "trace_modules"]
 
 FoldPlan = Dict[str, Optional[str]]  # foldable norm -> the conv to fold it into, or None
 
@@ -90,7 +91,9 @@ def affine_coefficients(layer: nn.Module, include_batchnorm: bool = True,
     return a, b
 
 
-def _trace(model: nn.Module):
+def trace_modules(model: nn.Module):
+    """torch.fx graph with every module that has no children as a leaf, or None when the
+    model cannot be traced (data-dependent control flow)."""
     import torch.fx as fx
 
     class _Tracer(fx.Tracer):
@@ -99,13 +102,13 @@ def _trace(model: nn.Module):
 
     try:
         return _Tracer().trace(model)
-    except Exception:  # untraceable models are folded into affine layers only
+    except Exception:
         return None
 
 
 def _conv_inputs(model: nn.Module) -> Dict[str, str]:
     """norm -> conv for every module fed only by a Conv2d whose output nothing else reads."""
-    graph = _trace(model)
+    graph = trace_modules(model)
     if graph is None:
         return {}
     calls: Dict[str, int] = {}
