@@ -25,6 +25,7 @@ each "channel" is one (sample, channel) pair.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Optional, Sequence, Tuple
 
@@ -71,7 +72,7 @@ def set_triton_enabled(enabled: bool) -> bool:
 
 def _triton_for(x: Tensor):
     """Triton kernels for CUDA tensors whose samples fit 32-bit indexing, else None."""
-    if not (_TRITON_ENABLED and x.is_cuda) or x[0].numel() >= 2 ** 31:
+    if not (_TRITON_ENABLED and x.is_cuda) or math.prod(x.shape[1:]) >= 2 ** 31:
         return None
     return _triton_kernels()
 
