@@ -52,7 +52,7 @@ def run(args) -> dict:
     from data import build_loader, ensure_demo_dataset
     from engine.distributed import init_distributed
     from engine.trainer import evaluate
-    from models.checkpoint import load_model
+    from models.checkpoint import model_from_state
     import normalization
 
     state = load_checkpoint(args.checkpoint)
@@ -60,7 +60,7 @@ def run(args) -> dict:
     info = init_distributed(cfg.train.device)
     if cfg.data.dataset == "demo" and cfg.data.root is None:
         cfg.data.root = str(ensure_demo_dataset(None, cfg.data.demo_size))
-    model = load_model(args.checkpoint).to(info.device)
+    model = model_from_state(args.checkpoint, state)[0].to(info.device)
     common = dict(rank=info.rank, world_size=info.world_size, seed=cfg.train.seed,
                   device=info.device)
     val = build_loader(cfg.data, "val", args.batch_size or cfg.batch.per_process, **common)

@@ -15,7 +15,7 @@ Every file is read with ``torch.load(weights_only=True)``: nothing in it runs.
 from __future__ import annotations
 
 import re
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
@@ -24,7 +24,8 @@ from engine.checkpoint import CheckpointError, load_checkpoint
 
 from .registry import build_model
 
-__all__ = ["load_model", "authors_state_dict", "load_weights", "model_kwargs_from_checkpoint"]
+__all__ = ["load_model", "model_from_state", "authors_state_dict", "load_weights",
+           "model_kwargs_from_checkpoint"]
 
 _AUTHORS_ARCH = re.compile(r"^resnetv([12])(s?sn)(\d+)$")
 _AUTHORS_NORM_NAME = re.compile(r"(^|\.)sn(\d+|_out)\.")
@@ -109,13 +110,13 @@ def load_weights(model: nn.Module, sd: Dict[str, torch.Tensor], path: str):
         raise CheckpointError(f"{path}: {str(e).strip().splitlines()[0]}") from None
 
 
-def load_model(path: str, map_location="cpu", **overrides) -> nn.Module:
-    """The model stored in ``path`` (ours or the authors'), weights loaded, in eval mode.
+def model_from_state(path: str, state: dict, **overrides) -> Tuple[nn.Module, dict]:
+    """The model a checkpoint dict describes, weights loaded strictly, in eval mode, and
+    its ``build_model`` arguments; ``path`` names the file in errors.
 
     ``overrides`` replace ``build_model`` arguments (e.g. ``name=`` for an
     authors' file without a ``model`` entry, ``norm_kwargs=``).
     """
-    state = load_checkpoint(path, map_location=map_location)
     kwargs, sd = model_kwargs_from_checkpoint(path, state)
     unknown = [k for k in overrides if k not in _BUILD_KEYS]
     if unknown:
@@ -129,10 +130,11 @@ def load_model(path: str, map_location="cpu", **overrides) -> nn.Module:
                               "pass name=... (e.g. resnet50_v1)")
     model = build_model(**kwargs)
     load_weights(model, sd, path)
-    return model.eval()
+    return model.eval(), kwargs
 
 
-def describe(path: str, state: Optional[dict] = None) -> str:
-    state = state if state is not None else load_checkpoint(path)
-    kwargs, _ = model_kwargs_from_checkpoint(path, state)
-    return f"{kwargs.get('name', '?')} with {kwargs.get('norm', '?')} ({kwargs.get('norm_kwargs')})"
+def load_model(path: str, map_location="cpu", **overrides) -> nn.Module:
+    """The model stored in ``path`` (ours or the authors'), weights loaded, in eval mode
+    (``overrides`` as in ``model_from_state``)."""
+    return model_from_state(path, load_checkpoint(path, map_location=map_location),
+                            **overrides)[0]

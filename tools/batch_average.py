@@ -38,8 +38,9 @@ from data import build_loader, ensure_demo_dataset  # noqa: E402
 from engine.checkpoint import save_checkpoint  # noqa: E402
 from engine.cli import run_cli  # noqa: E402
 from engine.config import Config, resolve  # noqa: E402
-from tools.convert_checkpoint import (checkpoint_config, model_from_state,  # noqa: E402
-                                      our_checkpoint, read_checkpoint)
+from models.checkpoint import model_from_state  # noqa: E402
+from tools.convert_checkpoint import (checkpoint_config, our_checkpoint,  # noqa: E402
+                                      read_checkpoint)
 
 __all__ = ["train_loader", "batches", "collect", "main"]
 

@@ -27,7 +27,7 @@ import json
 import os
 import struct
 import sys
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
 import torch.nn as nn
 
@@ -39,9 +39,9 @@ from engine.cli import run_cli  # noqa: E402
 from engine.config import (Config, apply_overrides, from_dict,  # noqa: E402
                            load_config, strip_derived, to_dict)
 from models import build_model  # noqa: E402
-from models.checkpoint import load_weights, model_kwargs_from_checkpoint  # noqa: E402
+from models.checkpoint import model_from_state  # noqa: E402
 
-__all__ = ["read_checkpoint", "model_from_state", "checkpoint_config", "our_checkpoint",
+__all__ = ["read_checkpoint", "checkpoint_config", "our_checkpoint",
            "write_safetensors", "is_safetensors", "convert", "main"]
 
 _MODEL_KEYS = ("name", "norm", "num_classes", "norm_kwargs", "zero_init_last", "dropout",
@@ -82,17 +82,6 @@ def read_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: checkpoint file not found")
     return _read_safetensors(path) if is_safetensors(path) else load_checkpoint(path)
-
-
-def model_from_state(path: str, state: dict) -> Tuple[nn.Module, dict]:
-    """The model a checkpoint describes, weights loaded (strictly), in eval mode; and its
-    ``build_model`` arguments."""
-    kwargs, sd = model_kwargs_from_checkpoint(path, state)
-    if "name" not in kwargs:
-        raise CheckpointError(f"{path}: the checkpoint does not name its architecture")
-    model = build_model(**kwargs)
-    load_weights(model, sd, path)
-    return model.eval(), kwargs
 
 
 # -- configs ----------------------------------------------------------------------------------

@@ -40,8 +40,9 @@ from engine.cli import run_cli  # noqa: E402
 from models import build_model  # noqa: E402
 from models.checkpoint import load_weights, model_kwargs_from_checkpoint  # noqa: E402
 from normalization.fold import fold_hard_bn, fold_plan, restructure  # noqa: E402
-from tools.convert_checkpoint import (checkpoint_config, model_from_state,  # noqa: E402
-                                      our_checkpoint, read_checkpoint)
+from models.checkpoint import model_from_state  # noqa: E402
+from tools.convert_checkpoint import (checkpoint_config, our_checkpoint,  # noqa: E402
+                                      read_checkpoint)
 
 __all__ = ["FOLDED_FORMAT", "TOLERANCE", "max_difference", "time_models", "export",
            "load_inference_model", "main"]

@@ -45,7 +45,8 @@ from analysis.ratio_figures import (DEFAULT_EPS, NORMALIZERS, LayerInfo,  # noqa
                                     history_from_tensorboard, layers_figure, network_average,
                                     save_figure, snapshot, symmetric_kl)
 from engine.cli import run_cli  # noqa: E402
-from tools.convert_checkpoint import model_from_state, read_checkpoint  # noqa: E402
+from models.checkpoint import model_from_state  # noqa: E402
+from tools.convert_checkpoint import read_checkpoint  # noqa: E402
 
 __all__ = ["Source", "load_source", "plot", "main"]
 

@@ -43,8 +43,9 @@ from engine.checkpoint import save_checkpoint  # noqa: E402
 from engine.cli import run_cli  # noqa: E402
 from engine.config import Config, resolve, strip_derived, to_dict  # noqa: E402
 from engine.optim import lr_factor  # noqa: E402
-from tools.convert_checkpoint import (checkpoint_config, model_from_state,  # noqa: E402
-                                      our_checkpoint, read_checkpoint)
+from models.checkpoint import model_from_state  # noqa: E402
+from tools.convert_checkpoint import (checkpoint_config, our_checkpoint,  # noqa: E402
+                                      read_checkpoint)
 
 __all__ = ["sparsify_model", "finetune_config", "main"]
 
