@@ -10,6 +10,10 @@
   authors' variance convention (unbiased IN variance) so that the outputs are
   those of their own model code.
 
+``pretrained_source`` and ``load_pretrained_weights`` serve
+``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``
+with the same conversion, so timm gives the logits of ``load_model(PATH)``.
+
 Every file is read with ``torch.load(weights_only=True)``: nothing in it runs.
 """
 from __future__ import annotations
@@ -25,12 +29,12 @@ from engine.checkpoint import CheckpointError, load_checkpoint
 from .registry import build_model
 
 __all__ = ["load_model", "model_from_state", "authors_state_dict", "load_weights",
-           "model_kwargs_from_checkpoint"]
+           "model_kwargs_from_checkpoint", "pretrained_source", "load_pretrained_weights"]
 
 _AUTHORS_ARCH = re.compile(r"^resnetv([12])(s?sn)(\d+)$")
 _AUTHORS_NORM_NAME = re.compile(r"(^|\.)sn(\d+|_out)\.")
 _BUILD_KEYS = ("name", "num_classes", "norm", "norm_kwargs", "zero_init_last", "dropout", "stem",
-               "width", "input_size", "in_chans")
+               "width", "input_size", "in_chans", "global_pool", "drop_path_rate")
 
 
 def _is_ours(state: dict) -> bool:
@@ -89,10 +93,12 @@ def model_kwargs_from_checkpoint(path: str, state: dict) -> Tuple[dict, Dict[str
     return _authors_kwargs(path, state, sd), sd
 
 
-def load_weights(model: nn.Module, sd: Dict[str, torch.Tensor], path: str):
-    """Strict load with one clear error listing missing and unexpected keys."""
+def load_weights(model: nn.Module, sd: Dict[str, torch.Tensor], path: str,
+                 ignore: Tuple[str, ...] = ()):
+    """Strict load with one clear error listing missing and unexpected keys; model keys
+    starting with one of ``ignore`` may be missing (they keep their values)."""
     own = model.state_dict()
-    missing = [k for k in own if k not in sd]
+    missing = [k for k in own if k not in sd and not k.startswith(ignore)]
     unexpected = [k for k in sd if k not in own]
     wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
              if k in sd and sd[k].numel() != own[k].numel()]
@@ -105,9 +111,49 @@ def load_weights(model: nn.Module, sd: Dict[str, torch.Tensor], path: str):
         raise CheckpointError(f"{path}: the checkpoint does not fit the model; "
                               + "; ".join(p for p in parts if p))
     try:
-        model.load_state_dict(sd)
+        model.load_state_dict(sd, strict=not ignore)
     except (RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path}: {str(e).strip().splitlines()[0]}") from None
+
+
+def pretrained_source(path: str) -> Tuple[dict, Dict[str, torch.Tensor], dict]:
+    """What timm needs of a checkpoint file: its ``build_model`` arguments, its state dict
+    in our names, and timm ``pretrained_cfg`` entries: ``num_classes``, ``input_size``
+    (input channels; for ours the validation crop), and for ours the evaluation
+    transform (``crop_pct`` = val_crop / val_resize, ``mean``, ``std``)."""
+    state = load_checkpoint(path)
+    kwargs, sd = model_kwargs_from_checkpoint(path, state)
+    fc, conv = sd.get("fc.weight"), sd.get("conv1.weight")
+    cfg: dict = {}
+    if fc is not None or "num_classes" in kwargs:
+        cfg["num_classes"] = int(fc.shape[0]) if fc is not None else int(kwargs["num_classes"])
+    data = (state["config"].get("data") or {}) if _is_ours(state) else {}
+    crop = int(data.get("val_crop") or 224)
+    cfg["input_size"] = (int(conv.shape[1]) if conv is not None else 3, crop, crop)
+    if data.get("val_resize"):
+        cfg["crop_pct"] = round(crop / float(data["val_resize"]), 4)
+    for key in ("mean", "std"):
+        if data.get(key):
+            cfg[key] = tuple(float(v) for v in data[key])
+    return kwargs, sd, cfg
+
+
+def load_pretrained_weights(model: nn.Module, sd: Dict[str, torch.Tensor], path: str):
+    """timm's rules for pretrained weights on our strict loader: when the checkpoint's
+    classifier has another number of classes than the model (``num_classes`` given, or
+    0), the model keeps its own new classifier; when the first conv has other input
+    channels, its weights are adapted by timm's ``adapt_input_conv``. Every other
+    tensor must fit (``load_weights``)."""
+    sd, ignore = dict(sd), ()
+    fc = sd.get("fc.weight")
+    if fc is not None and fc.shape[0] != model.num_classes:
+        sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+        ignore = ("fc.",)
+    conv = sd.get("conv1.weight")
+    if conv is not None and conv.dim() == 4 and conv.shape[1] != model.conv1.in_channels:
+        from timm.models import adapt_input_conv
+        sd["conv1.weight"] = adapt_input_conv(model.conv1.in_channels, conv)
+    load_weights(model, sd, path, ignore=ignore)
 
 
 def model_from_state(path: str, state: dict, **overrides) -> Tuple[nn.Module, dict]:

@@ -4,7 +4,10 @@ authors' ``ResNetV2SN`` (their ResNet50v2+SN and ResNet101v2+SN of the model zoo
 Each block normalizes and activates its input first (``preact``); a block that
 changes shape takes its shortcut from ``preact`` through a bare 1x1 conv. The
 stem is conv -> norm -> ReLU -> max-pool, and after the last stage a final
-norm ``bn_out`` and a ReLU precede the pooling.
+norm ``bn_out`` and a ReLU (``relu_out``) precede the pooling. As in timm's
+pre-activation ResNetV2, the stage features of ``features_only`` and
+``forward_intermediates`` are the raw stage outputs; ``norm=True`` passes the
+last one through ``bn_out`` and ``relu_out``.
 
 The authors call the norms ``sn1``/``sn2``/``sn3``/``sn_out``; here they are
 ``bn1``/``bn2``/``bn3``/``bn_out`` (torchvision's names), so their checkpoints
@@ -18,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .resnet_v1 import NormLayer, ResNetBase, conv1x1, conv3x3
+from .resnet_v1 import NormLayer, ResNetBase, conv1x1, conv3x3, make_drop_path
 
 __all__ = ["ResNetV2", "PreActBasicBlock", "PreActBottleneck"]
 
@@ -29,7 +32,8 @@ class PreActBasicBlock(nn.Module):
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: Optional[nn.Module] = None, norm_layer: NormLayer = nn.BatchNorm2d):
+                 downsample: Optional[nn.Module] = None, norm_layer: NormLayer = nn.BatchNorm2d,
+                 drop_path: float = 0.0):
         super().__init__()
         self.bn1 = norm_layer(inplanes)
         self.conv1 = conv3x3(inplanes, planes, stride)
@@ -38,6 +42,7 @@ class PreActBasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
+        self.drop_path = make_drop_path(drop_path)
 
     def norm_strides(self) -> Dict[str, int]:
         """Each norm's name and the stride of its input relative to the block input."""
@@ -52,6 +57,8 @@ class PreActBasicBlock(nn.Module):
         shortcut = x if self.downsample is None else self.downsample(preact)
         out = self.conv1(preact)
         out = self.conv2(self.relu(self.bn2(out)))
+        if self.drop_path is not None:
+            out = self.drop_path(out)
         return out + shortcut
 
 
@@ -61,7 +68,8 @@ class PreActBottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: Optional[nn.Module] = None, norm_layer: NormLayer = nn.BatchNorm2d):
+                 downsample: Optional[nn.Module] = None, norm_layer: NormLayer = nn.BatchNorm2d,
+                 drop_path: float = 0.0):
         super().__init__()
         self.bn1 = norm_layer(inplanes)
         self.conv1 = conv1x1(inplanes, planes)
@@ -72,6 +80,7 @@ class PreActBottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
+        self.drop_path = make_drop_path(drop_path)
 
     def norm_strides(self) -> Dict[str, int]:
         return {"bn1": 1, "bn2": 1, "bn3": self.stride}
@@ -85,6 +94,8 @@ class PreActBottleneck(nn.Module):
         out = self.conv1(preact)
         out = self.conv2(self.relu(self.bn2(out)))
         out = self.conv3(self.relu(self.bn3(out)))
+        if self.drop_path is not None:
+            out = self.drop_path(out)
         return out + shortcut
 
 

@@ -302,8 +302,10 @@ def test_timm_errors():
         timm.create_model("resnet18_v1", pretrained=True)
     with pytest.raises(ValueError, match="fixes norm='bn'"):
         timm.create_model("resnet18_v1_bn", norm="gn")
-    with pytest.raises(ValueError, match="features_only"):
-        timm.create_model("resnet18_v1", features_only=True)
+    with pytest.raises(ValueError, match="drop_block_rate"):
+        timm.create_model("resnet18_v1", drop_block_rate=0.1)
+    with pytest.raises(ValueError, match="output_stride"):
+        timm.create_model("resnet18_v1", output_stride=16)
 
 
 def test_import_registers_without_warnings():
