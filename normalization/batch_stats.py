@@ -9,9 +9,10 @@ statistics, and the paper's batch-average inference (Sec. 4.1.3, "Inference").
   depend on how many virtual GPUs a process holds.
 * Sync: in training, under an initialised process group of more than one rank,
   chunk ``j`` of every rank is pooled (with ``ghost_batch_size=None``: the
-  whole global batch). One all-reduce of concatenated float32 sums forward,
-  one of their gradients backward. Every rank must hold the same number of
-  chunks. In eval, or without a process group, statistics are local.
+  whole global batch). One differentiable all-reduce (``sn::all_reduce_sum``)
+  of concatenated float32 sums forward, whose gradient is one all-reduce
+  backward. Every rank must hold the same number of chunks. In eval, or
+  without a process group, statistics are local.
 * Batch average: ``begin_batch_average()`` resets accumulators; every training
   mode forward then adds each chunk's mean and second moment (float64,
   weighted by its sample count) instead of touching the running statistics;
@@ -27,7 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .functional import BatchBranch, stats_dtype
+from . import ops
+from .functional import BatchSpec, BatchStats
 
 __all__ = ["BatchStatsMixin"]
 
@@ -51,9 +53,9 @@ class BatchStatsMixin:
     """Ghost-batch, sync and batch-average machinery for a layer with a BN branch.
 
     The host class provides ``running_mean``/``running_var`` buffers (or None),
-    ``num_features`` and ``_update_running(branch, spatial)``, which receives
-    the BatchBranch of the forward (per-chunk ``mean``, ``var`` (k, C) and
-    ``counts()``) and the number of spatial positions.
+    ``num_features`` and ``_update_running(stats, spatial)``, which receives
+    the ``BatchStats`` of the forward (per-chunk ``mean``, ``var`` (k, C) and
+    ``count`` (k,)) and the number of positions per (sample, channel).
     """
 
     sync: bool = False
@@ -82,28 +84,27 @@ class BatchStatsMixin:
                 "call finalize_batch_average() (normalization.finalize_batch_average(model)) "
                 "before evaluating")
 
-    def _batch_branch(self, x: Tensor) -> BatchBranch:
-        """BN statistics of this forward on ``x``: chunked by ghost batch, synced if active."""
-        shift = None
-        if self._sync_active():
-            dt = stats_dtype(x)
-            rm = getattr(self, "running_mean", None)
-            shift = (rm.detach().to(dt) if rm is not None else
-                     torch.zeros(self.num_features, dtype=dt, device=x.device))
-        return BatchBranch(self.ghost_batch_size, shift, self.process_group)
+    def _batch_spec(self, x: Tensor) -> BatchSpec:
+        """How this forward computes BN statistics: per ghost chunk, synced if active."""
+        if not self._sync_active():
+            return BatchSpec(self.ghost_batch_size)
+        rm = getattr(self, "running_mean", None)
+        shift = (rm.detach().to(ops.acc_dtype(x)) if rm is not None else
+                 x.new_zeros(self.num_features, dtype=ops.acc_dtype(x)))
+        return BatchSpec(self.ghost_batch_size, shift, ops.group_name(self.process_group))
 
     @torch.no_grad()
-    def _after_batch(self, branch: BatchBranch, spatial: int):
+    def _after_batch(self, stats: BatchStats, spatial):
         """Accumulate for the batch average, or update the running statistics."""
-        mean, var = branch.mean, branch.var
+        stats = BatchStats(*(t.detach() for t in stats))
         if self._ba is not None:
-            count = branch.counts()
-            w = count.double()[:, None]
-            self._ba["sum"] += (w * mean.double()).sum(0)
-            self._ba["sq"] += (w * (var.double() + mean.double().square())).sum(0)
-            self._ba["count"] += count.double().sum()
+            w = stats.count.double()[:, None]
+            mean = stats.mean.double()
+            self._ba["sum"] += (w * mean).sum(0)
+            self._ba["sq"] += (w * (stats.var.double() + mean.square())).sum(0)
+            self._ba["count"] += stats.count.double().sum()
         elif self.training:
-            self._update_running(branch, spatial)
+            self._update_running(stats, spatial)
 
     # -- batch average (paper Sec. 4.1.3) ----------------------------------------
     def begin_batch_average(self):

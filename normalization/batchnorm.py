@@ -3,24 +3,22 @@
 ``BatchNorm2d`` is ``torch.nn.BatchNorm2d`` (same parameters, buffers, PyTorch
 momentum convention, so torchvision weights load unchanged) that also takes
 ``ghost_batch_size``. Without ghost batches, sync or batch-average collection
-it runs PyTorch's own kernel. Otherwise it runs the fused kernel of
-``functional.py`` with BN as the only normalizer: BN is SN with one-hot BN
-ratios.
+it runs PyTorch's own kernel. Otherwise it runs ``functional.switch_norm``
+with BN as the only normalizer: BN is SN with one-hot BN ratios.
 
 Running statistics with ghost batches follow PyTorch per chunk (the unbiased
 chunk variance) and are averaged over the chunks into one update per forward.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from . import functional as fn
 from .batch_stats import BatchStatsMixin
-from .functional import Coefficients, switch_norm_function
 from .switchable import check_input
 
 __all__ = ["BatchNorm2d", "SyncBatchNorm2d"]
@@ -55,7 +53,8 @@ class BatchNorm2d(BatchStatsMixin, nn.BatchNorm2d):
             return True
         if not self.training:
             return False
-        ghost = self.ghost_batch_size is not None and self.ghost_batch_size < x.shape[0]
+        ghost = self.ghost_batch_size is not None and (
+            fn.fx_tracing() or self.ghost_batch_size < x.shape[0])
         return ghost or self._sync_active()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -63,18 +62,17 @@ class BatchNorm2d(BatchStatsMixin, nn.BatchNorm2d):
         self._check_mode()
         if not self._fused(x):
             return super().forward(x)
-        branch = self._batch_branch(x)
-        coef = Coefficients(("bn",), self.eps, batch=branch)
-        y = switch_norm_function(x, coef, self.weight, self.bias)
-        self._after_batch(branch, math.prod(x.shape[2:]))
+        y, stats = fn.switch_norm(x, ("bn",), self.eps, self.weight, self.bias,
+                                  batch=self._batch_spec(x))
+        self._after_batch(stats, fn.spatial_size(x))
         return y
 
     @torch.no_grad()
-    def _update_running(self, branch, spatial: int):
+    def _update_running(self, stats, spatial):
         """PyTorch's update, per chunk (unbiased variance), averaged over the chunks."""
         if not self.track_running_stats:
             return
-        mean, var, count = branch.mean, branch.var, branch.counts()
+        mean, var, count = stats
         self.num_batches_tracked.add_(1)
         if self.momentum is None:
             factor = 1.0 / float(self.num_batches_tracked)

@@ -1,382 +1,93 @@
-"""Fused statistics and the autograd function behind every batch-statistics normalizer.
+"""Switchable Normalization as (N, C)-sized algebra around the passes over the input.
 
-Implements the paper's Eq. (1)-(5) and Appendix A in the shape that is fast on
-real hardware:
+The paper's Eq. (1)-(5) in the shape that is fast on real hardware:
 
-* all statistics come from the per-(sample, channel) IN statistics (Eq. 4),
-  computed in ONE pass over the input by a numerically stable kernel (no
-  E[x^2] - E[x]^2 cancellation);
-* LN and BN statistics are pooled from the IN statistics with the parallel
-  variance formula ``var = mean(var_in + (mu_in - mu)^2)``: Eq. (4) written
-  with deviations, exact and stable for inputs with a large mean;
-* the output is one fused multiply-add per element,
-  ``y = (x - mu_in[n, c]) * scale[n, c] + shift[n, c]``;
-* backward needs two per-(n, c) reductions (sum g, sum g (x - mu_in)) in one
-  pass and writes dx once. Between the IN statistics and (scale, shift) lies
-  an (N, C)-sized computation (``Coefficients``) whose backward is written out
-  as in Appendix A, so a layer's fixed cost stays far below its memory traffic.
+* every statistic comes from the per-(sample, channel) IN statistics (Eq. 4),
+  computed in ONE numerically stable pass over the input;
+* LN and BN statistics are pooled from them with the parallel variance
+  formula ``var = mean(var_in + (mu_in - mu)^2)``: Eq. (4) written with
+  deviations, exact and stable for inputs with a large mean; BN per ghost
+  chunk (virtual GPU), or summed over the ranks with one differentiable
+  all-reduce (SyncBN/SyncSN);
+* Eq. (3) mixes them with the ratios of Eq. (5) into per-(n, c) coefficients,
+  and the output is one fused pass ``y = (x - mu_in) * scale + shift``.
 
-Large-tensor work runs, on CUDA, through the fused Triton kernels of
-``triton_kernels.py`` (NCHW and channels_last, one read per pass; set
-``SN_TRITON=0`` to disable), and otherwise through PyTorch's native
-batch-norm kernels applied to the (1, N*C, M) view of the input, in which
-each "channel" is one (sample, channel) pair.
+Everything between the statistics and the apply is plain differentiable
+PyTorch on (N, C) tensors, in float32 (float64 for float64 inputs) whatever
+the autocast state: autograd derives Appendix A's gradients, ``torch.compile``
+and ``torch.fx`` see ordinary ops. The passes over the input run one of three
+ways (``current_path``):
+
+* ``eager``: the custom operators of ``ops.py`` (native or Triton kernels).
+  x's gradient is assembled in two passes: ``sn::scale_shift``'s backward
+  reads (g, x) once for its sums and writes ``g * scale``, and the
+  statistics' backward adds ``(x - mu) * a + b`` in place (``_StatsThrough``
+  hands x through the statistics node, so both shares of x's gradient meet
+  there instead of being materialised separately and summed);
+* ``plain`` (under ``torch.compile``, the default): the same formulas in plain
+  ops (``var_mean``, a multiply-add), which inductor fuses with their
+  neighbours;
+* ``ops`` (under ``torch.fx`` symbolic tracing, or under ``torch.compile``
+  with ``SN_COMPILE=ops``): the custom operators with their registered
+  autograd formulas, opaque nodes in the graph.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
-from typing import Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+import torch.fx
 from torch import Tensor
 
-__all__ = ["instance_stats", "apply_scale_shift", "switch_norm_function", "Coefficients",
-           "BatchBranch", "SoftmaxRatios", "HardRatios", "chunk_ids", "set_triton_enabled"]
+from . import ops
+from .ops import acc_dtype
 
-_FAST_DTYPES = (torch.float32, torch.float64)
+__all__ = ["switch_norm", "batch_statistics", "BatchSpec", "BatchStats", "current_path",
+           "compile_path", "set_compile_path", "fx_tracing", "softmax_ratios", "hard_ratios",
+           "spatial_size", "as_3d"]
 
-
-def stats_dtype(x: Tensor) -> torch.dtype:
-    """Statistics are float32, or float64 for float64 inputs (gradcheck)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _native_ok(*tensors: Tensor) -> bool:
-    return all(t.is_contiguous() and t.device.type in ("cpu", "cuda") for t in tensors)
+COMPILE_PATHS = ("plain", "ops")
+_compile_override: Optional[str] = None
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_kernels():
-    """The Triton kernels module when usable on a GPU (not in interpreter mode), else None."""
-    if os.environ.get("SN_TRITON", "1") == "0" or not torch.cuda.is_available():
-        return None
-    try:
-        from . import triton_kernels as tk
-    except Exception:  # pragma: no cover - a broken triton install falls back to PyTorch
-        return None
-    return tk if tk.triton_available() and not tk.INTERPRET else None
+def compile_path() -> str:
+    """How SN runs under ``torch.compile``: ``plain`` ops (default) or the custom ``ops``
+    (``SN_COMPILE`` or ``set_compile_path``)."""
+    path = _compile_override or os.environ.get("SN_COMPILE", "plain").strip().lower()
+    if path not in COMPILE_PATHS:
+        raise ValueError(f"SN_COMPILE must be one of {', '.join(COMPILE_PATHS)}, got {path!r}")
+    return path
 
 
-_TRITON_ENABLED = True
-
-
-def set_triton_enabled(enabled: bool) -> bool:
-    """Use the Triton kernels on CUDA (default) or PyTorch's native kernels; returns the
-    previous setting (benchmarks compare both paths in one process)."""
-    global _TRITON_ENABLED
-    previous, _TRITON_ENABLED = _TRITON_ENABLED, bool(enabled)
+def set_compile_path(path: Optional[str]) -> Optional[str]:
+    """Override ``SN_COMPILE`` (None: back to the environment); returns the previous override."""
+    global _compile_override
+    if path is not None and path not in COMPILE_PATHS:
+        raise ValueError(f"compile path must be one of {', '.join(COMPILE_PATHS)}, got {path!r}")
+    previous, _compile_override = _compile_override, path
     return previous
 
 
-def _triton_for(x: Tensor):
-    """Triton kernels for CUDA tensors whose samples fit 32-bit indexing, else None."""
-    if not (_TRITON_ENABLED and x.is_cuda) or math.prod(x.shape[1:]) >= 2 ** 31:
-        return None
-    return _triton_kernels()
+def fx_tracing() -> bool:
+    """True while ``torch.fx.symbolic_trace`` runs Python code on proxies."""
+    check = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing",
+                    torch.fx._symbolic_trace.is_fx_tracing)
+    return check()
 
 
-# -- the three large-tensor passes ---------------------------------------------------------
-def instance_stats(x3: Tensor) -> Tuple[Tensor, Tensor]:
-    """Per-(n, c) mean and biased variance over the last dim of ``x3`` (N, C, M).
-
-    One pass over the data (a stable two-pass/Welford kernel) for contiguous
-    float32/float64 inputs; reduced-precision inputs are accumulated in float32.
-    """
-    n, c, m = x3.shape
-    tk = _triton_for(x3)
-    if tk is not None:
-        return tk.instance_stats(x3)
-    if x3.dtype in _FAST_DTYPES and _native_ok(x3) and n * c > 0 and m > 0:
-        mean, var = torch.batch_norm_update_stats(x3.reshape(1, n * c, m), None, None, 0.0)
-        return mean.view(n, c), var.view(n, c)
-    var, mean = torch.var_mean(x3.to(stats_dtype(x3)), dim=-1, correction=0)
-    return mean, var
+def current_path() -> str:
+    """``plain`` or ``ops`` under torch.compile, ``ops`` under fx tracing, else ``eager``."""
+    if torch.compiler.is_compiling():
+        return compile_path()
+    return "ops" if fx_tracing() else "eager"
 
 
-def apply_scale_shift(x3: Tensor, mu: Tensor, scale: Tensor, shift: Tensor,
-                      out: Optional[Tensor] = None) -> Tensor:
-    """``(x - mu) * scale + shift`` with (N, C) coefficients, into ``out`` (x's dtype).
-
-    One fused pass ``x * scale + (shift - mu * scale)``: PyTorch's eval-mode
-    batch-norm kernel on the (1, N*C, M) view for contiguous inputs, addcmul
-    otherwise; reduced-precision inputs are computed in float32.
-    """
-    n, c, m = x3.shape
-    tk = _triton_for(x3)
-    if tk is not None:
-        return tk.apply_scale_shift(x3, mu, scale, shift, out=out)
-    if out is None:
-        out = torch.empty_like(x3)
-    if _native_ok(x3, out):
-        ones = torch.ones(n * c, dtype=mu.dtype, device=mu.device)
-        empty = mu.new_empty(0)
-        torch.ops.aten.native_batch_norm.out(
-            x3.view(1, n * c, m), scale.reshape(-1), shift.reshape(-1), mu.reshape(-1), ones,
-            False, 0.0, 0.0, out=out.view(1, n * c, m), save_mean=empty, save_invstd=empty)
-        return out
-    offset = shift - mu * scale
-    return torch.addcmul(offset[..., None], x3, scale[..., None], out=out)
-
-
-def _grad_sums(g3: Tensor, x3: Tensor, mu: Tensor) -> Tuple[Tensor, Tensor]:
-    """Per-(n, c) ``sum g`` and ``sum g * (x - mu)`` in one pass over (g, x)."""
-    n, c, m = x3.shape
-    tk = _triton_for(x3)
-    if tk is not None:
-        return tk.grad_sums(g3, x3, mu)
-    if _native_ok(g3, x3):
-        ones = torch.ones(n * c, dtype=mu.dtype, device=mu.device)
-        _, sum_gx, sum_g = torch.ops.aten.native_batch_norm_backward(
-            g3.reshape(1, n * c, m), x3.reshape(1, n * c, m), None, None, None,
-            mu.reshape(-1), ones, True, 0.0, [False, True, True])
-        return sum_g.view(n, c).to(mu.dtype), sum_gx.view(n, c).to(mu.dtype)
-    g = g3.to(mu.dtype)
-    return g.sum(-1), (g * (x3.to(mu.dtype) - mu[..., None])).sum(-1)
-
-
-# -- the (N, C) part: Eq. (3)-(5) and their backward (Appendix A) --------------------------
-def chunk_ids(n: int, chunk: Optional[int], device) -> Tuple[Optional[Tensor], int]:
-    """Chunk index of each of ``n`` samples for chunks of ``chunk`` samples (None: one chunk)."""
-    if chunk is None or chunk >= n:
-        return None, 1
-    return torch.arange(n, device=device) // chunk, (n + chunk - 1) // chunk
-
-
-def _chunk_sum(t: Tensor, ids: Optional[Tensor], k: int) -> Tensor:
-    if ids is None:
-        return t.sum(0, keepdim=True)
-    return t.new_zeros(k, t.shape[1]).index_add_(0, ids, t)
-
-
-def _per_sample(t: Tensor, ids: Optional[Tensor]) -> Tensor:
-    return t if ids is None else t[ids]
-
-
-def _softmax(logits: Tensor) -> Tensor:
-    return torch.softmax(logits if logits.dtype in _FAST_DTYPES else logits.float(), -1)
-
-
-class SoftmaxRatios:
-    """Eq. (5): ``w = softmax(lambda)``, with its backward (Eq. 12-14 of Appendix A).
-
-    A ratio function maps (mean_logits, var_logits) to the importance weights
-    and back-propagates their gradients; the logits of both are computed as
-    one (2, K) batch.
-    """
-
-    def forward(self, mean_logits: Tensor, var_logits: Tensor) -> Tuple[Tensor, Tensor]:
-        self.w = _softmax(torch.stack([mean_logits, var_logits]))
-        return self.w[0], self.w[1]
-
-    def backward(self, grad_wm: Tensor, grad_wv: Tensor):
-        g = torch.stack([grad_wm, grad_wv]).to(self.w.dtype)
-        d = self.w * (g - (self.w * g).sum(-1, keepdim=True))
-        return d[0], d[1]
-
-
-class HardRatios:
-    """Sparse SN with hard ratios: the one-hot of the argmax, no gradient to the logits."""
-
-    def forward(self, mean_logits: Tensor, var_logits: Tensor) -> Tuple[Tensor, Tensor]:
-        logits = torch.stack([mean_logits, var_logits]).detach()
-        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        hot = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(dtype)
-        return hot[0], hot[1]
-
-    def backward(self, grad_wm: Tensor, grad_wv: Tensor):
-        return None, None
-
-
-class BatchBranch:
-    """BN statistics of the samples' chunks (ghost batches), maybe summed over ranks.
-
-    ``sync_shift`` (per channel) turns on the synchronised form: every rank
-    sends, per chunk, the sums of ``mu - shift``, of ``var + (mu - shift)^2``
-    and the sample count, concatenated, in ONE all-reduce over ``group``;
-    backward all-reduces the gradients of the chunk statistics, again once. The
-    shift (the running mean, identical on all ranks) keeps the sums small so
-    the final ``E[d^2] - E[d]^2`` does not cancel.
-    """
-
-    def __init__(self, ghost_batch_size: Optional[int] = None, sync_shift: Optional[Tensor] = None,
-                 group=None):
-        self.ghost = ghost_batch_size
-        self.shift = sync_shift
-        self.group = group
-
-    def forward(self, mu: Tensor, var: Tensor) -> Tuple[Tensor, Tensor]:
-        """Per-sample (or broadcastable (1, C)) BN mean and variance."""
-        n, c = mu.shape
-        self.ids, self.k = ids, k = chunk_ids(n, self.ghost, mu.device)
-        if self.shift is not None:
-            d = mu - self.shift
-            ones = torch.ones(n, 1, dtype=mu.dtype, device=mu.device)
-            sums = _chunk_sum(torch.cat([d, var + d.square(), ones], 1), ids, k)
-            torch.distributed.all_reduce(sums, group=self.group)
-            self.count = sums[:, -1:]
-            mean_d = sums[:, :c] / self.count
-            self.mean = mean_d + self.shift
-            self.var = (sums[:, c:2 * c] / self.count - mean_d.square()).clamp_min(0.0)
-        elif ids is None:
-            self.count = n
-            self.mean, self.var = _pooled(mu, var, 0)
-        else:
-            self.count = _chunk_sum(torch.ones(n, 1, dtype=mu.dtype, device=mu.device), ids, k)
-            self.mean = _chunk_sum(mu, ids, k) / self.count
-            self.var = _chunk_sum(var + (mu - self.mean[ids]).square(), ids, k) / self.count
-        return _per_sample(self.mean, ids), _per_sample(self.var, ids)
-
-    def counts(self) -> Tensor:
-        """Samples per chunk (k,)."""
-        if isinstance(self.count, int):
-            return torch.full((1,), float(self.count), dtype=self.mean.dtype,
-                              device=self.mean.device)
-        return self.count[:, 0]
-
-    def backward(self, mu: Tensor, grad_mean: Tensor, grad_var: Tensor,
-                 ) -> Tuple[Tensor, Tensor]:
-        """(d mu, d var) of the IN statistics from the summed-per-chunk gradients of the
-        BN mean and variance (grad_mean, grad_var: (1, C) or (N, C))."""
-        if self.ids is not None:
-            grad_mean = _chunk_sum(grad_mean, self.ids, self.k)
-            grad_var = _chunk_sum(grad_var, self.ids, self.k)
-        elif grad_mean.shape[0] != 1:
-            grad_mean, grad_var = grad_mean.sum(0, keepdim=True), grad_var.sum(0, keepdim=True)
-        if self.shift is not None:
-            c = mu.shape[1]
-            g = torch.cat([grad_mean, grad_var], 1)
-            torch.distributed.all_reduce(g, group=self.group)
-            grad_mean, grad_var = g[:, :c], g[:, c:]
-        return _pooled_backward(mu, _per_sample(self.mean, self.ids),
-                                _per_sample(grad_mean / self.count, self.ids),
-                                _per_sample(grad_var / self.count, self.ids))
-
-
-def _pooled(mu: Tensor, var: Tensor, dim: int) -> Tuple[Tensor, Tensor]:
-    """Mean and variance of the union of equally sized groups along ``dim``:
-    ``mean(var + (mu - mean)^2)``, i.e. Eq. (4) with deviations (no cancellation)."""
-    inv_n = 1.0 / mu.shape[dim]  # sums: much faster than var_mean at these sizes
-    mean = mu.sum(dim, keepdim=True) * inv_n
-    return mean, (var + (mu - mean).square()).sum(dim, keepdim=True) * inv_n
-
-
-def _pooled_backward(mu: Tensor, mean: Tensor, g_mean: Tensor, g_var: Tensor):
-    """Gradient of IN stats for ``mean = avg(mu)``, ``var = avg(var + (mu - mean)^2)``,
-    given the gradients of the pooled mean/var already divided by the group size."""
-    return g_mean + 2.0 * g_var * (mu - mean), g_var
-
-
-class Coefficients:
-    """``(mu_in, var_in) -> (scale, shift)`` of one SN forward, and its backward.
-
-    ``normalizers`` names the statistics mixed (``in``, ``ln``, ``bn``);
-    ``bn`` comes from ``batch`` (a BatchBranch) or from ``running`` (mean,
-    var). ``ratios`` is a ratio function (``SoftmaxRatios`` by default,
-    ``HardRatios``, SSN's sparsestmax) with forward and backward.
-    ``var_factor`` scales the IN variance before anything else (the authors'
-    unbiased convention). With no logits (``bn`` alone) the ratios are one.
-    """
-
-    def __init__(self, normalizers: Sequence[str], eps: float, var_factor: float = 1.0,
-                 ratios=None, batch: Optional[BatchBranch] = None,
-                 running: Optional[Tuple[Tensor, Tensor]] = None):
-        self.normalizers = tuple(normalizers)
-        self.eps = eps
-        self.var_factor = var_factor
-        self.ratio_fn = ratios if ratios is not None else SoftmaxRatios()
-        self.batch = batch
-        self.running = running
-        self.ratios: Tuple[Optional[Tensor], Optional[Tensor]] = (None, None)
-
-    def _stats(self, mu: Tensor, v_in: Tensor):
-        stats = []
-        for name in self.normalizers:
-            if name == "in":
-                stats.append((mu, v_in))
-            elif name == "ln":
-                stats.append(_pooled(mu, v_in, 1))
-            elif self.batch is not None:
-                stats.append(self.batch.forward(mu, v_in))
-            else:
-                rm, rv = self.running
-                stats.append((rm.to(mu.dtype)[None], rv.to(mu.dtype)[None]))
-        return stats
-
-    def forward(self, mu: Tensor, var: Tensor, weight: Optional[Tensor] = None,
-                bias: Optional[Tensor] = None, mean_logits: Optional[Tensor] = None,
-                var_logits: Optional[Tensor] = None, track: bool = False):
-        dt = mu.dtype
-        v_in = var * self.var_factor if self.var_factor != 1.0 else var
-        stats = self._stats(mu, v_in)
-        if mean_logits is None:  # a single normalizer (bn): ratios are one
-            w_mean = w_var = stacked = None
-            mean, mix_var = stats[0]
-        else:
-            w_mean, w_var = self.ratios = self.ratio_fn.forward(mean_logits, var_logits)
-            if w_mean.dtype != dt:
-                w_mean, w_var = w_mean.to(dt), w_var.to(dt)
-            # (N, C, K) stacks of the K normalizers' statistics: Eq. (3) is one matmul
-            stacked = (torch.stack([m.expand_as(mu) for m, _ in stats], -1),
-                       torch.stack([v.expand_as(mu) for _, v in stats], -1))
-            mean = stacked[0] @ w_mean
-            mix_var = stacked[1] @ w_var
-        inv = torch.rsqrt(mix_var + self.eps)
-        if weight is not None and weight.dtype != dt:
-            weight = weight.to(dt)
-        scale = inv if weight is None else inv * weight
-        shift = (mu - mean) * scale
-        if bias is not None:
-            shift = shift + (bias if bias.dtype == dt else bias.to(dt))
-        if track:
-            self._saved = (mu, v_in, stats, stacked, w_mean, w_var, inv, weight, mean, scale)
-        return scale.expand_as(mu), shift
-
-    def backward(self, d_scale: Tensor, d_shift: Tensor, need: Sequence[bool]):
-        """Gradients (mu_in, var_in, weight, bias, mean_logits, var_logits) of
-        ``sum(d_scale * scale + d_shift * shift)`` (Appendix A, Eq. 6-14);
-        ``need`` flags the last four."""
-        mu, v_in, stats, stacked, w_mean, w_var, inv, w, mean, scale = self._saved
-        d_scale = torch.addcmul(d_scale, mu - mean, d_shift)
-        d_mu = scale * d_shift              # shift = (mu - mean) * scale + bias
-        d_mean = -d_mu
-        d_weight = (d_scale * inv).sum(0) if need[0] else None
-        d_bias = d_shift.sum(0) if need[1] else None
-        d_inv = d_scale if w is None else d_scale * w
-        d_mix = d_inv * inv.pow(3) * -0.5   # d loss / d (mixed variance)
-        if w_mean is None:
-            wm = wv = (1.0,)
-        else:
-            wm, wv = w_mean.unbind(), w_var.unbind()
-        d_var = None
-        for i, name in enumerate(self.normalizers):
-            if name == "in":
-                d_mu = torch.addcmul(d_mu, wm[i], d_mean)
-                g_var = wv[i] * d_mix
-            elif name == "ln":
-                inv_c = 1.0 / mu.shape[1]
-                g_mean = d_mean.sum(1, keepdim=True) * (wm[i] * inv_c)
-                g_v = d_mix.sum(1, keepdim=True) * (wv[i] * inv_c)
-                dm, g_var = _pooled_backward(mu, stats[i][0], g_mean, g_v)
-                d_mu = d_mu + dm
-            elif self.batch is not None:
-                dm, g_var = self.batch.backward(mu, d_mean * wm[i], d_mix * wv[i])
-                d_mu = d_mu + dm
-            else:
-                continue
-            d_var = g_var if d_var is None else d_var + g_var
-        if d_var is None:
-            d_var = torch.zeros_like(v_in)
-        elif self.var_factor != 1.0:
-            d_var = d_var * self.var_factor
-        d_ml = d_vl = None
-        if w_mean is not None and (need[2] or need[3]):
-            k = len(stats)
-            grad_wm = d_mean.reshape(-1) @ stacked[0].view(-1, k)
-            grad_wv = d_mix.reshape(-1) @ stacked[1].view(-1, k)
-            d_ml, d_vl = self.ratio_fn.backward(grad_wm, grad_wv)
-        return d_mu, d_var.expand_as(mu), d_weight, d_bias, d_ml, d_vl
+# -- shape helpers (fx.wrap: recorded as one call while fx traces, run with real shapes) --
+def spatial_size(x: Tensor) -> int:
+    """Number of positions per (sample, channel): H*W (1 for (N, C))."""
+    return math.prod(x.shape[2:])
 
 
 def as_3d(x: Tensor) -> Tensor:
@@ -384,66 +95,260 @@ def as_3d(x: Tensor) -> Tensor:
     return x.flatten(2) if x.dim() > 2 else x.unsqueeze(-1)
 
 
-class _SwitchNormFunction(torch.autograd.Function):
-    """y = (x - mu_in) * scale + shift with (scale, shift) = coef.forward(mu_in, var_in, *params).
+def _bessel(var: Tensor, x: Tensor) -> Tensor:
+    """The authors' unbiased IN variance: ``var * M / (M - 1)`` (unchanged for M = 1)."""
+    m = spatial_size(x)
+    return var * (m / (m - 1)) if m > 1 else var
 
-    Takes and returns tensors of the layer's own shape (not (N, C, M) views),
-    so that an in-place op on the output (ReLU) needs no copy in backward.
+
+def _out_dtype(x: Tensor) -> torch.dtype:
+    """The output dtype: the autocast dtype for a float32 input under autocast, else x's."""
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _bcast(t: Tensor, x: Tensor) -> Tensor:
+    return t.reshape(t.shape + (1,) * (x.dim() - 2))
+
+
+# -- the passes over the input --------------------------------------------------------------
+class _StatsThrough(torch.autograd.Function):
+    """``x -> (mu_in, var_in, x)``: the IN statistics, and x handed through.
+
+    The apply consumes the handed-through x, so its share of x's gradient
+    (``g * scale``) arrives here as the third gradient, and the statistics'
+    share ``(x - mu) * a + b`` is added to it in place: one read of (dx, x)
+    and one write, instead of materialising both shares and summing them.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, coef: Coefficients, *params: Optional[Tensor]):
-        # Allocate the output before the small (N, C) tensors: it keeps the
-        # large buffers from being trimmed and faulted back in on every step.
-        y = torch.empty_like(x)
-        x3 = as_3d(x)
-        mu, var = instance_stats(x3)
-        scale, shift = coef.forward(mu, var, *params, track=True)
-        apply_scale_shift(x3, mu, scale, shift, out=as_3d(y))
+    def forward(ctx, x: Tensor):
+        mu, var = ops.instance_stats_impl(x)
         ctx.save_for_backward(x, mu)
-        ctx.coef = coef
-        return y
+        return mu, var, x.view_as(x)
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def backward(ctx, d_mu, d_var, d_x):
         x, mu = ctx.saved_tensors
-        coef: Coefficients = ctx.coef
-        x3 = as_3d(x)
-        tk = _triton_for(x3)
-        if tk is None and x.is_contiguous() and not g.is_contiguous():
-            g = g.contiguous()
-        g3 = as_3d(g)
-        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        sum_g, sum_gx = _grad_sums(g3, x3, mu)
-        need = ctx.needs_input_grad[2:] + (False,) * (6 - len(ctx.needs_input_grad))
-        d_mu, d_var, *d_params = coef.backward(sum_gx, sum_g, need[:4])
-        scale = coef._saved[-1].expand_as(mu)
-        if dx is not None:
-            # dx = g * scale + d_mu_total / M + (x - mu) * 2 d_var / M, with the
-            # direct dependence of y on mu_in added to d_mu
-            m = x3.shape[-1]
-            d_mu = d_mu - scale * sum_g
-            dx3 = as_3d(dx)
-            if tk is not None:  # one fused pass
-                tk.grad_input(g3, x3, mu, scale, d_var * (2.0 / m), d_mu / m, out=dx3)
-            else:
-                apply_scale_shift(x3, mu, d_var * (2.0 / m), d_mu / m, out=dx3)
-                dx3.addcmul_(g3, scale[..., None])
-        return (dx, None) + tuple(d_params[:len(ctx.needs_input_grad) - 2])
+        a, b = ops.stats_grad_coefficients(x, mu, d_mu, d_var)
+        if torch.is_grad_enabled():   # double backward: the same formula in plain ops
+            acc = acc_dtype(x)
+            t = (x.to(acc) - _bcast(mu, x)) * _bcast(a, x) + _bcast(b, x)
+            return (t if d_x is None else d_x.to(acc) + t).to(x.dtype)
+        if d_x is None:
+            return ops.scale_shift_impl(x, mu, a, b)
+        if d_x.dtype != x.dtype or d_x.stride() != x.stride() or d_x._base is not None:
+            return ops.grad_input_impl(d_x, x, mu, torch.ones_like(a), a, b)
+        ops.add_grad_input_impl(d_x, x, mu, a, b)
+        return d_x
 
 
-def switch_norm_function(x: Tensor, coef: Coefficients, *params: Optional[Tensor]) -> Tensor:
-    """Normalize ``x`` (N, C, *spatial) with the coefficients computed by ``coef``.
+class _ScaleShift(torch.autograd.Function):
+    """``sn::scale_shift`` and its registered gradient, without the dispatcher's per-call
+    cost (about 15-35 us per operator call in eager mode, measured on the CPU)."""
 
-    ``params`` are (weight, bias[, mean_logits, var_logits]). The fused autograd
-    function runs when a gradient is needed, a plain computation otherwise.
+    @staticmethod
+    def forward(ctx, x: Tensor, mu: Tensor, scale: Tensor, shift: Tensor, out_dtype):
+        ctx.save_for_backward(x, mu, scale)
+        ctx.shapes = (mu.shape, scale.shape, shift.shape)
+        return ops.scale_shift_impl(x, mu, scale, shift, out_dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, mu, scale = ctx.saved_tensors
+        return ops.scale_shift_backward(g, x, mu, scale, ctx.shapes, ctx.needs_input_grad[0],
+                                        direct=True) + (None,)
+
+
+def _plain_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
+    xf = x.to(acc_dtype(x))
+    if x.dim() == 2:
+        return xf, torch.zeros_like(xf)
+    var, mean = torch.var_mean(xf, dim=tuple(range(2, x.dim())), correction=0)
+    return mean, var
+
+
+def _instance_stats(x: Tensor, path: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """(mu_in, var_in, the x the apply must read) on ``path``."""
+    if path == "plain":
+        return (*_plain_stats(x), x)
+    if path == "eager":
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _StatsThrough.apply(x)
+        return (*ops.instance_stats_impl(x), x)
+    return (*ops.instance_stats(x), x)
+
+
+def _apply(x: Tensor, mu: Tensor, scale: Tensor, shift: Tensor, path: str) -> Tensor:
+    """``(x - mu) * scale + shift`` in float32, rounded once to the output dtype."""
+    if path == "plain":
+        acc = acc_dtype(x)
+        y = (x.to(acc) - _bcast(mu, x)) * _bcast(scale, x) + _bcast(shift, x)
+        return y.to(_out_dtype(x))
+    if path == "eager":
+        if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad
+                                        or shift.requires_grad or mu.requires_grad):
+            return _ScaleShift.apply(x, mu, scale, shift, _out_dtype(x))
+        return ops.scale_shift_impl(x, mu, scale, shift, _out_dtype(x))
+    if fx_tracing():
+        return ops.scale_shift(x, mu, scale, shift)
+    return ops.scale_shift(x, mu, scale, shift, _out_dtype(x))
+
+
+# -- BN statistics: ghost chunks, sync -----------------------------------------------------
+class BatchSpec(NamedTuple):
+    """How a forward computes BN statistics: chunks of ``ghost`` samples (None: the whole
+    local batch); with ``group`` (a process-group name, see ``ops.group_name``) chunk j of
+    every rank is pooled, with the sums taken relative to ``shift`` (per channel)."""
+    ghost: Optional[int] = None
+    shift: Optional[Tensor] = None
+    group: Optional[str] = None
+
+
+class BatchStats(NamedTuple):
+    """The BN statistics of one forward, per chunk: ``mean``, biased ``var`` (k, C) and
+    ``count`` (k,), the samples per chunk (over every rank when synchronised)."""
+    mean: Tensor
+    var: Tensor
+    count: Tensor
+
+
+def _chunks(n: int, ghost: Optional[int]) -> List[int]:
+    if ghost is None or ghost >= n:
+        return [n]
+    full, rest = divmod(n, ghost)
+    return [ghost] * full + ([rest] if rest else [])
+
+
+def _chunk_sum(t: Tensor, sizes: Sequence[int]) -> Tensor:
+    """(N, C) -> (k, C): the sum over each consecutive chunk of ``sizes`` samples."""
+    if len(sizes) == 1:
+        return t.sum(0, keepdim=True)
+    g, full = sizes[0], sum(1 for s in sizes if s == sizes[0])
+    sums = t[:g * full].unflatten(0, (full, g)).sum(1)
+    if full == len(sizes):
+        return sums
+    return torch.cat([sums, t[g * full:].sum(0, keepdim=True)])
+
+
+def _per_sample(t: Tensor, sizes: Sequence[int]) -> Tensor:
+    """(k, C) -> (N, C): each chunk's row for its samples ((1, C) for a single chunk)."""
+    if len(sizes) == 1:
+        return t
+    g, full = sizes[0], sum(1 for s in sizes if s == sizes[0])
+    c = t.shape[1]
+    out = t[:full].unsqueeze(1).expand(full, g, c).reshape(full * g, c)
+    if full == len(sizes):
+        return out
+    return torch.cat([out, t[full:].expand(sizes[-1], c)])
+
+
+def batch_statistics(mu: Tensor, var: Tensor, ghost: Optional[int] = None,
+                     shift: Optional[Tensor] = None, group: Optional[str] = None
+                     ) -> Tuple[Tensor, Tensor, BatchStats]:
+    """BN mean and variance for every sample ((N, C), or (1, C) for one chunk) from the
+    IN statistics, and the per-chunk ``BatchStats``. Differentiable."""
+    n, c = mu.shape
+    sizes = _chunks(n, ghost)
+    if group is not None:
+        d = mu - shift
+        packed = torch.cat([d, var + d.square(), torch.ones_like(mu[:, :1])], 1)
+        packed = ops.all_reduce_sum(_chunk_sum(packed, sizes), group)
+        count = packed[:, -1:]
+        mean_d = packed[:, :c] / count
+        chunk_mean = mean_d + shift
+        chunk_var = (packed[:, c:2 * c] / count - mean_d.square()).clamp_min(0.0)
+    elif len(sizes) == 1:
+        count = mu.new_full((1, 1), n)
+        chunk_mean, chunk_var = _pooled(mu, var, 0)
+    else:
+        count = mu.new_tensor(sizes)[:, None]
+        chunk_mean = _chunk_sum(mu, sizes) / count
+        dev = mu - _per_sample(chunk_mean, sizes)
+        chunk_var = _chunk_sum(var + dev.square(), sizes) / count
+    stats = BatchStats(chunk_mean, chunk_var, count[:, 0])
+    return _per_sample(chunk_mean, sizes), _per_sample(chunk_var, sizes), stats
+
+
+for _name in ("spatial_size", "_bessel", "batch_statistics", "_out_dtype"):
+    torch.fx.wrap(_name)
+
+
+# -- ratios (Eq. 5) -------------------------------------------------------------------------
+def softmax_ratios(mean_logits: Tensor, var_logits: Tensor) -> Tuple[Tensor, Tensor]:
+    """Eq. (5): the softmax of both logit vectors, in float32 (float64)."""
+    logits = torch.stack([mean_logits, var_logits])
+    w = torch.softmax(logits.to(acc_dtype(logits)), -1)
+    return w[0], w[1]
+
+
+def hard_ratios(mean_logits: Tensor, var_logits: Tensor) -> Tuple[Tensor, Tensor]:
+    """Sparse SN with hard ratios: the one-hot of each argmax, no gradient to the logits."""
+    logits = torch.stack([mean_logits, var_logits]).detach()
+    hot = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1])
+    hot = hot.to(acc_dtype(logits))
+    return hot[0], hot[1]
+
+
+def _pooled(mu: Tensor, var: Tensor, dim: int) -> Tuple[Tensor, Tensor]:
+    """Mean and variance of the union of equally sized groups along ``dim``:
+    ``mean(var) + var(mu)``, i.e. Eq. (4) without its ``E[x^2] - E[x]^2`` cancellation
+    (the variance of the group means is taken by a stable two-pass reduction)."""
+    spread, mean = torch.var_mean(mu, dim, correction=0, keepdim=True)
+    return mean, var.mean(dim, keepdim=True) + spread
+
+
+def _mix(stats: Sequence[Tensor], w: Tensor) -> Tensor:
+    """Eq. (3): ``sum_k w_k stat_k`` (elementwise: no matmul, which autocast would
+    run in low precision)."""
+    out = stats[0] * w[0]
+    for k in range(1, len(stats)):
+        out = torch.addcmul(out, stats[k], w[k])
+    return out
+
+
+# -- one layer ------------------------------------------------------------------------------
+def switch_norm(x: Tensor, normalizers: Sequence[str], eps: float,
+                weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                ratios: Optional[Tuple[Tensor, Tensor]] = None,
+                batch: Optional[BatchSpec] = None,
+                running: Optional[Tuple[Tensor, Tensor]] = None,
+                bessel: bool = False) -> Tuple[Tensor, Optional[BatchStats]]:
+    """Normalize ``x`` (N, C, *spatial) by Eq. (3): the ``normalizers`` (in, ln, bn)
+    mixed by ``ratios`` = (mean weights, variance weights) (None: a single normalizer).
+
+    BN statistics come from the batch (``batch``) or from ``running`` = (mean, var).
+    ``bessel`` applies the authors' unbiased IN variance before anything else.
+    Returns the output and, with ``batch``, the per-chunk BN statistics (for the
+    running averages or the batch average).
     """
-    if torch.is_grad_enabled() and (x.requires_grad or any(
-            p is not None and p.requires_grad for p in params)):
-        return _SwitchNormFunction.apply(x, coef, *params)
-    y = torch.empty_like(x)
-    x3 = as_3d(x)
-    mu, var = instance_stats(x3)
-    scale, shift = coef.forward(mu, var, *params)
-    apply_scale_shift(x3, mu, scale, shift, out=as_3d(y))
-    return y
+    path = current_path()
+    mu, var, x_in = _instance_stats(x, path)
+    if bessel:
+        var = _bessel(var, x)
+    bn = None
+    stats = []
+    for name in normalizers:
+        if name == "in":
+            stats.append((mu, var))
+        elif name == "ln":
+            stats.append(_pooled(mu, var, 1))
+        elif batch is not None:
+            m, v, bn = batch_statistics(mu, var, batch.ghost, batch.shift, batch.group)
+            stats.append((m, v))
+        else:
+            rm, rv = running
+            stats.append((rm.to(mu.dtype)[None], rv.to(mu.dtype)[None]))
+    if ratios is None:
+        mean, mixed = stats[0]
+    else:
+        mean = _mix([s[0] for s in stats], ratios[0].to(mu.dtype))
+        mixed = _mix([s[1] for s in stats], ratios[1].to(mu.dtype))
+    scale = torch.rsqrt(mixed + eps)
+    if weight is not None:
+        scale = scale * weight.to(mu.dtype)
+    shift = (mu - mean) * scale
+    if bias is not None:
+        shift = shift + bias.to(mu.dtype)
+    return _apply(x_in, mu, scale, shift, path), bn

@@ -10,8 +10,9 @@ projected onto the smaller face and the remaining radius shrinks by
 Pythagoras. As ``r`` grows from 0 to 1 over training the ratios become
 one-hot (for 3 normalizers, at ``r >= sqrt(2/3)``); once one-hot, a layer's
 ratios are frozen. Everything is tensor arithmetic with a fixed number of
-steps, so the forward pass never synchronises host and device. Rows of a 2-D
-input (mean and variance logits) are projected together.
+steps, so the forward pass never synchronises host and device, and autograd
+differentiates it (as do torch.compile and torch.fx). Rows of a 2-D input
+(mean and variance logits) are projected together.
 
 At the exact centre of a face (all active logits equal) the radial direction
 is undefined and the point is left where sparsemax puts it.
@@ -31,31 +32,34 @@ __all__ = ["sparsemax", "sparsestmax", "SparseSwitchNorm2d", "set_ssn_radius"]
 _ONE_HOT_TOL = 1e-6
 
 
-def _sparsemax(z: Tensor) -> Tuple[Tensor, Tensor]:
-    """Sparsemax of each row and its support (bool)."""
+def _sparsemax(z: Tensor) -> Tensor:
+    """Sparsemax of each row (differentiable: a fixed sequence of tensor ops)."""
     zs, _ = torch.sort(z, dim=-1, descending=True)
     k = torch.arange(1, z.shape[-1] + 1, dtype=z.dtype, device=z.device)
     cs = torch.cumsum(zs, -1) - 1.0
     support = (zs * k > cs).sum(-1, keepdim=True)
     tau = cs.gather(-1, support - 1) / support
-    p = torch.clamp(z - tau, min=0.0)
-    return p, p > 0
+    return torch.clamp(z - tau, min=0.0)
 
 
-def _project_back(g: Tensor, mask: Tensor) -> Tensor:
-    """Vector-Jacobian product of sparsemax: centre ``g`` on the support."""
-    g = torch.where(mask, g, 0.0)
-    return torch.where(mask, g - g.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True), 0.0)
+def _norm(v: Tensor) -> Tensor:
+    """Row norms with a finite gradient at 0 (clamped before the square root)."""
+    return v.square().sum(-1, keepdim=True).clamp_min(1e-24).sqrt()
 
 
-def _sparsestmax_forward(z: Tensor, radius: Tensor):
-    """Rows of ``z`` (R, K) -> projections (R, K) and the tape for the backward."""
-    p, mask = _sparsemax(z)
-    tape = [mask]
+def _sparsestmax(z: Tensor, radius: Tensor) -> Tensor:
+    """Rows of ``z`` (R, K) -> their projections (R, K), differentiable by autograd.
+
+    Each level of the loop leaves a face of one dimension less; every branch is
+    a ``torch.where`` whose unused side stays finite, so the gradient is the
+    derivative of the branch each row takes (the piecewise-linear and radial
+    maps of SSN), with no host-device synchronisation.
+    """
+    p = _sparsemax(z)
     rad2 = radius.to(z.dtype).square().expand(z.shape[0], 1)
     going = None
     u_prev = None
-    levels = z.shape[-1] - 1  # each level leaves a face of one dimension less
+    levels = z.shape[-1] - 1
     for level in range(levels):
         active = (p > 0).to(z.dtype)
         u = active / active.sum(-1, keepdim=True)
@@ -63,43 +67,18 @@ def _sparsestmax_forward(z: Tensor, radius: Tensor):
             rad2 = torch.where(going, (rad2 - (u - u_prev).square().sum(-1, keepdim=True))
                                .clamp_min(0.0), rad2)
         diff = p - u
-        dist = diff.norm(dim=-1, keepdim=True)
+        dist = _norm(diff)
         # a single-point support has dist 0; at the exact centre the direction is undefined
         push = (dist > 1e-12) & (dist.square() < rad2)
         if going is not None:
             push = push & going
-        dist = dist.clamp_min(1e-12)
-        gain = rad2.sqrt() / dist
-        q = u + diff * gain
+        q = u + diff * (rad2.clamp_min(1e-24).sqrt() / dist)
         overshoot = push & (q.min(-1, keepdim=True).values < 0)
-        if level == levels - 1:  # on an edge, projecting onto the simplex is clamping
-            q2, mask2 = q.clamp(0.0, 1.0), q > 0
-        else:
-            q2, mask2 = _sparsemax(q)
+        q2 = q.clamp(0.0, 1.0) if level == levels - 1 else _sparsemax(q)
         p = torch.where(push, torch.where(overshoot, q2, q), p)
-        tape.append((push, overshoot, diff / dist, gain, mask2))
         going = overshoot
         u_prev = u
-    return p.clamp(0.0, 1.0), tape
-
-
-def _sparsestmax_backward(g: Tensor, tape) -> Tensor:
-    for push, overshoot, direction, gain, mask2 in reversed(tape[1:]):
-        g_in = torch.where(overshoot, _project_back(g, mask2), g)
-        g_in = gain * (g_in - direction * (direction * g_in).sum(-1, keepdim=True))
-        g = torch.where(push, g_in, g)
-    return _project_back(g, tape[0])
-
-
-class _Sparsestmax(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z: Tensor, radius: Tensor):
-        p, ctx.tape = _sparsestmax_forward(z, radius)
-        return p
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        return _sparsestmax_backward(g, ctx.tape), None
+    return p.clamp(0.0, 1.0)
 
 
 def sparsemax(z: Tensor) -> Tensor:
@@ -110,33 +89,23 @@ def sparsemax(z: Tensor) -> Tensor:
 
 def sparsestmax(z: Tensor, radius) -> Tensor:
     """Project each row of ``z`` onto {p in simplex : ||p - centre|| >= radius};
-    differentiable (vector-Jacobian products written out)."""
+    differentiable (autograd through a fixed sequence of tensor ops)."""
     radius = torch.as_tensor(radius, dtype=z.dtype, device=z.device)
     if z.dim() == 1:
-        return _Sparsestmax.apply(z[None], radius)[0]
-    return _Sparsestmax.apply(z, radius)
+        return _sparsestmax(z[None], radius)[0]
+    return _sparsestmax(z, radius)
 
 
-class SparsestRatios:
-    """SSN's ratio function: sparsestmax of both logit vectors, one-hot once frozen."""
-
-    def __init__(self, radius: Tensor, fixed: Tensor):
-        self.radius = radius
-        self.fixed = fixed  # (2, 1) bool: mean, var
-
-    def forward(self, mean_logits: Tensor, var_logits: Tensor) -> Tuple[Tensor, Tensor]:
-        logits = torch.stack([mean_logits, var_logits]).detach()
-        z = logits if logits.dtype == torch.float64 else logits.float()
-        soft, self.tape = _sparsestmax_forward(z, self.radius)
-        frozen = F.one_hot(z.argmax(-1), z.shape[-1]).to(z.dtype)
-        ratios = torch.where(self.fixed, frozen, soft)
-        return ratios[0], ratios[1]
-
-    def backward(self, grad_wm: Tensor, grad_wv: Tensor):
-        g = torch.stack([grad_wm, grad_wv])
-        g = torch.where(self.fixed, torch.zeros_like(g), g)
-        d = _sparsestmax_backward(g, self.tape)
-        return d[0], d[1]
+def sparsest_ratios(mean_logits: Tensor, var_logits: Tensor, radius: Tensor,
+                    fixed: Tensor) -> Tuple[Tensor, Tensor]:
+    """SSN's ratios: sparsestmax of both logit vectors; a vector whose flag in ``fixed``
+    (2, 1) is set is the one-hot of its argmax, with no gradient."""
+    logits = torch.stack([mean_logits, var_logits])
+    z = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    soft = _sparsestmax(z, radius)
+    frozen = F.one_hot(z.detach().argmax(-1), z.shape[-1]).to(z.dtype)
+    ratios = torch.where(fixed, frozen, soft)
+    return ratios[0], ratios[1]
 
 
 class SparseSwitchNorm2d(SwitchNorm2d):
@@ -163,11 +132,11 @@ class SparseSwitchNorm2d(SwitchNorm2d):
     def set_radius(self, r: float):
         self.radius.fill_(float(r))
 
-    def _ratio_function(self):
+    def _ratios(self) -> Tuple[Tensor, Tensor]:
         if self.hard_ratios:
-            return super()._ratio_function()
+            return super()._ratios()
         fixed = torch.cat([self.mean_fixed, self.var_fixed]).bool()[:, None]
-        return SparsestRatios(self.radius[0], fixed)
+        return sparsest_ratios(self.mean_weight, self.var_weight, self.radius[0], fixed)
 
     @torch.no_grad()
     def _after_ratios(self, ratios):

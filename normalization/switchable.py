@@ -3,8 +3,9 @@
 ``y = gamma * (x - sum_k w_k mu_k) / sqrt(sum_k w'_k var_k + eps) + beta`` with
 ``k`` in (IN, LN, BN), ``w = softmax(mean_weight)``, ``w' = softmax(var_weight)``.
 All statistics come from the IN statistics (Eq. 4) in one pass over the input;
-see ``functional.py`` for the fused kernel and ``batch_stats.py`` for ghost
-batches, SyncSN and batch-average inference.
+see ``functional.py`` for the (N, C) algebra and the passes over the input
+(``ops.py``: custom operators) and ``batch_stats.py`` for ghost batches, SyncSN
+and batch-average inference.
 
 Conventions (documented in README.md):
 
@@ -23,7 +24,6 @@ Conventions (documented in README.md):
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -31,8 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import functional as fn
 from .batch_stats import BatchStatsMixin
-from .functional import Coefficients, HardRatios, SoftmaxRatios, switch_norm_function
 
 __all__ = ["SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "SyncSwitchNorm2d", "check_input"]
 
@@ -40,7 +40,10 @@ VARIANCES = ("biased", "authors")
 
 
 def check_input(module: nn.Module, x: Tensor, dims: Tuple[int, ...], layout: str):
-    """ValueError naming the expected shape when ``x`` has the wrong rank or channels."""
+    """ValueError naming the expected shape when ``x`` has the wrong rank or channels
+    (skipped while torch.fx traces with proxies, whose shapes are unknown)."""
+    if fn.fx_tracing():
+        return
     c = module.num_features
     if x.dim() not in dims or x.shape[1] != c:
         expected = " or ".join(layout.replace("C", str(c)).split("|"))
@@ -122,20 +125,22 @@ class _SwitchNormBase(BatchStatsMixin, nn.Module):
         return s
 
     # -- ratios -------------------------------------------------------------------------
-    def _ratio_function(self):
-        """The ratio function of Eq. (5) (softmax), or hard one-hot ratios."""
-        return HardRatios() if self.hard_ratios else SoftmaxRatios()
+    def _ratios(self) -> Tuple[Tensor, Tensor]:
+        """The importance weights (mean, var) of Eq. (5): softmax, or hard one-hot ratios."""
+        ratio_fn = fn.hard_ratios if self.hard_ratios else fn.softmax_ratios
+        return ratio_fn(self.mean_weight, self.var_weight)
 
     @torch.no_grad()
     def switch_ratios(self) -> Tuple[Tensor, Tensor]:
         """The importance weights (mean, var) this layer uses, ordered as ``normalizers``."""
-        mw, vw = self._ratio_function().forward(self.mean_weight, self.var_weight)
+        mw, vw = self._ratios()
         return mw.detach().float().clone(), vw.detach().float().clone()
 
     def _hard_bn_only(self) -> bool:
         """Eval with hard ratios that pick BN for mean and variance (cached on host)."""
-        if not (self.hard_ratios and self.using_bn) or torch.compiler.is_compiling():
-            return False  # (under torch.compile/export: the general path, no host reads)
+        if not (self.hard_ratios and self.using_bn) or torch.compiler.is_compiling() \
+                or fn.fx_tracing():
+            return False  # (under torch.compile/export/fx: the general path, no host reads)
         key = (self.mean_weight._version, self.var_weight._version,
                self.mean_weight.data_ptr(), self.var_weight.data_ptr())
         if self._hard_cache is None or self._hard_cache[0] != key:
@@ -152,31 +157,27 @@ class _SwitchNormBase(BatchStatsMixin, nn.Module):
         if not use_batch and not self.training and self._hard_bn_only():
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight,
                                 self.bias, False, 0.0, self.eps)
-        spatial = math.prod(x.shape[2:])
-        branch = self._batch_branch(x) if use_batch else None
+        ratios = self._ratios()
         running = (self.running_mean, self.running_var) if self.using_bn and not use_batch \
             else None
-        factor = spatial / max(spatial - 1, 1) if self.variance == "authors" else 1.0
-        coef = Coefficients(self.normalizers, self.eps, var_factor=factor,
-                            ratios=self._ratio_function(), batch=branch, running=running)
-        y = switch_norm_function(x, coef, self.weight, self.bias,
-                                 self.mean_weight, self.var_weight)
-        if branch is not None:
-            self._after_batch(branch, spatial)
-        self._after_ratios(coef.ratios)
+        y, stats = fn.switch_norm(x, self.normalizers, self.eps, self.weight, self.bias, ratios,
+                                  batch=self._batch_spec(x) if use_batch else None,
+                                  running=running, bessel=self.variance == "authors")
+        if stats is not None:
+            self._after_batch(stats, None)
+        self._after_ratios(ratios)
         return y
 
     def _after_ratios(self, ratios):
         """Hook for SSN (freezing one-hot ratios)."""
 
     @torch.no_grad()
-    def _update_running(self, branch, spatial: int):
+    def _update_running(self, stats, spatial):
         """running = momentum * running + (1 - momentum) * mean over chunks (authors' convention)."""
         if self.using_moving_average:
             w = 1.0 - self.momentum
-            for buf, stat in ((self.running_mean, branch.mean), (self.running_var, branch.var)):
-                stat = stat[0] if stat.shape[0] == 1 else stat.mean(0)
-                buf.lerp_(stat if stat.dtype == buf.dtype else stat.to(buf.dtype), w)
+            for buf, stat in ((self.running_mean, stats.mean), (self.running_var, stats.var)):
+                buf.lerp_(stat.mean(0).to(buf.dtype), w)
 
     # -- checkpoints ------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,

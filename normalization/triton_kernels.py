@@ -156,11 +156,12 @@ def _merge_stats_kernel(x_ptr, pmean_ptr, pvar_ptr, mean_ptr, var_ptr, C, NC, M,
 
 
 @_jit
-def _grad_sums_kernel(g_ptr, x_ptr, mu_ptr, sg_ptr, sgx_ptr, C, M_V, SEG, NC, NUM_CB,
-                      sgn, sgc, sgm, sxn, sxc, sxm, smn, smc,
+def _grad_sums_kernel(g_ptr, x_ptr, mu_ptr, sg_ptr, sgx_ptr, scale_ptr, dx_ptr, C, M_V, SEG,
+                      NC, NUM_CB, sgn, sgc, sgm, sxn, sxc, sxm, smn, smc, ssn, ssc, sdn, sdc, sdm,
                       BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, VM: tl.constexpr,
-                      ALIGN_R: tl.constexpr, ALIGN_M: tl.constexpr):
-    """``sum g`` and ``sum g (x - mu)`` of segment ``program_id(1)`` of each row."""
+                      ALIGN_R: tl.constexpr, ALIGN_M: tl.constexpr, DX: tl.constexpr):
+    """``sum g`` and ``sum g (x - mu)`` of segment ``program_id(1)`` of each row; with DX
+    also ``dx = g * scale`` of every element read (the direct share of x's gradient)."""
     M = M_V * VM
     pid = tl.program_id(0)
     seg = tl.program_id(1)
@@ -171,6 +172,9 @@ def _grad_sums_kernel(g_ptr, x_ptr, mu_ptr, sg_ptr, sgx_ptr, C, M_V, SEG, NC, NU
     x_rows = x_ptr + _rows(n, offs_c, sxn, sxc, ALIGN_R)[:, None]
     acc_ty = sg_ptr.dtype.element_ty
     mu = tl.load(mu_ptr + n * smn + offs_c * smc, mask=c_ok, other=0.0).to(acc_ty)
+    if DX:
+        scale = _load_coef(scale_ptr, n, offs_c, ssn, ssc, c_ok, acc_ty)
+        d_rows = dx_ptr + _rows(n, offs_c, sdn, sdc, ALIGN_R)[:, None]
     m_lo = seg * SEG
     m_hi = tl.minimum(m_lo + SEG, M)
     acc_g = tl.zeros([BLOCK_C, BLOCK_M], dtype=acc_ty)
@@ -183,6 +187,9 @@ def _grad_sums_kernel(g_ptr, x_ptr, mu_ptr, sg_ptr, sgx_ptr, C, M_V, SEG, NC, NU
         g = g.to(acc_ty)
         acc_g += g
         acc_gx += g * (x.to(acc_ty) - mu[:, None])    # g is 0 off the mask
+        if DX:
+            tl.store(d_rows + _cols(offs_m, sdm, ALIGN_M)[None, :],
+                     (g * scale).to(dx_ptr.dtype.element_ty), mask=mask)
     out = seg * NC + n * C + offs_c
     tl.store(sg_ptr + out, tl.sum(acc_g, 1), mask=c_ok)
     tl.store(sgx_ptr + out, tl.sum(acc_gx, 1), mask=c_ok)
@@ -471,12 +478,14 @@ def apply_scale_shift(x: Tensor, mu: Tensor, scale: Tensor, shift: Tensor,
     return _finish(out if caller_out is None else y3, caller_out)
 
 
-def grad_sums(g: Tensor, x: Tensor, mu: Tensor, *, split: Optional[int] = None
+def grad_sums(g: Tensor, x: Tensor, mu: Tensor, *, scale: Optional[Tensor] = None,
+              out: Optional[Tensor] = None, split: Optional[int] = None
               ) -> Tuple[Tensor, Tensor]:
     """Per-(n, c) ``sum g`` and ``sum g * (x - mu)`` in one read of ``g`` and ``x``.
 
     Returns two (N, C) float32 tensors (float64 for float64 ``x``); ``split``
-    as in ``instance_stats``.
+    as in ``instance_stats``. With ``scale`` and ``out`` (x's shape), the same
+    pass also writes ``out = g * scale``.
     """
     _check(g, x, mu)
     x3, g3 = _view3(x), _view3(g)
@@ -484,20 +493,35 @@ def grad_sums(g: Tensor, x: Tensor, mu: Tensor, *, split: Optional[int] = None
         raise ValueError(f"g has shape {tuple(g.shape)}, x {tuple(x.shape)}")
     n, c, m = x3.shape
     acc = _acc_dtype(x3)
+    write_dx = scale is not None and out is not None
     if n * c == 0 or m == 0:
+        if write_dx and out.numel():
+            out.copy_(g * scale.to(acc).reshape(scale.shape + (1,) * (g.dim() - 2)))
         zeros = torch.zeros((n, c), dtype=acc, device=x.device)
         return zeros, zeros.clone()
-    _fits_int32(x3, g3)
     mu, smn, smc = _coef_view(mu, n, c, acc)
+    d3, caller_out = None, None
+    if write_dx:
+        _check(scale, out)
+        out, d3, caller_out = _out3(x, out)
+        scale, ssn, ssc = _coef_view(scale, n, c, acc)
+        _fits_int32(x3, g3, d3)
+    else:
+        scale, ssn, ssc = mu, 0, 0
+        _fits_int32(x3, g3)
     p = _plan(n, c, m, _c_major(x3), x3.element_size(), True, _num_sms(x.device), split)
     part = torch.empty((2, p.split, n, c), dtype=acc, device=x.device)
     num_cb = _cdiv(c, p.block_c)
-    align_r, align_m = _align(g3, x3)
-    vm = _vec_m(m, g3, x3)
+    align_r, align_m = _align(g3, x3, *([d3] if write_dx else []))
+    vm = _vec_m(m, g3, x3, *([d3] if write_dx else []))
+    d_arg = d3 if write_dx else x3
     _grad_sums_kernel[(n * num_cb, p.split)](
-        g3, x3, mu, part[0], part[1], c, m // vm, p.seg, n * c, num_cb, *g3.stride(),
-        *x3.stride(), smn, smc, BLOCK_C=p.block_c, BLOCK_M=p.block_m, VM=vm,
-        ALIGN_R=align_r, ALIGN_M=align_m, num_warps=p.num_warps)
+        g3, x3, mu, part[0], part[1], scale, d_arg, c, m // vm, p.seg, n * c, num_cb,
+        *g3.stride(), *x3.stride(), smn, smc, ssn, ssc, *d_arg.stride(),
+        BLOCK_C=p.block_c, BLOCK_M=p.block_m, VM=vm, ALIGN_R=align_r, ALIGN_M=align_m,
+        DX=write_dx, num_warps=p.num_warps)
+    if write_dx:
+        _finish(out if caller_out is None else d3, caller_out)
     if p.split == 1:
         return part[0, 0], part[1, 0]
     sums = part.sum(1)

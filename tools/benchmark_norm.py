@@ -30,7 +30,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from normalization import build_norm  # noqa: E402
-from normalization.functional import set_triton_enabled  # noqa: E402
+from normalization.ops import set_triton_mode  # noqa: E402
 from normalization.reference import ReferenceSwitchNorm2d  # noqa: E402
 
 SHAPES = [(32, 64, 56, 56), (32, 256, 56, 56), (32, 512, 28, 28), (8, 1024, 14, 14),
@@ -84,13 +84,13 @@ def bench_shape(shape, norms, device, mode, warmup, repeats, block=3):
     def step(layer, name):
         def run():
             x.grad = None
-            previous = set_triton_enabled(name != "sn-native")
+            previous = set_triton_mode("0" if name == "sn-native" else None)
             try:
                 with dtype_ctx():
                     y = layer(x)
                 y.backward(grad.to(y.dtype))
             finally:
-                set_triton_enabled(previous)
+                set_triton_mode(previous)
         return run
 
     timer = Timer(device)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import normalization as N
-from normalization.functional import instance_stats
+from normalization.ops import instance_stats
 from normalization.reference import reference_switch_norm
 
 

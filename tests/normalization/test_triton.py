@@ -15,7 +15,7 @@ On any machine:
 * launch plans (tiles, splits, alignment hints) are checked in process.
 
 With CUDA (``@pytest.mark.gpu``): ResNet-50 shapes against the PyTorch path of
-``normalization/functional.py``, without host-device synchronisation.
+``normalization/ops.py``, without host-device synchronisation.
 
 Tolerances (float64 references computed from the same, already rounded inputs):
 
@@ -155,6 +155,14 @@ def check_grad_sums(shape, dtype, layout, split=None, g_layout=None):
     gx = g64 * (x.double().reshape(n, c, -1) - mu.double()[..., None])
     _assert_close(sum_g, g64.sum(-1), 0.0, 1e-5 * g64.abs().sum(-1) + 1e-12, "sum g")
     _assert_close(sum_gx, gx.sum(-1), 0.0, 1e-5 * gx.abs().sum(-1) + 1e-12, "sum g(x-mu)")
+    # the same pass also writing g * scale (the direct share of x's gradient)
+    (scale,) = _coefs(n, c, 12, 1, acc)
+    dx = torch.empty_like(x)
+    sum_g2, sum_gx2 = tk.grad_sums(g, x, mu, scale=scale, out=dx, split=split)
+    torch.testing.assert_close(sum_g2, sum_g, rtol=0, atol=0)
+    torch.testing.assert_close(sum_gx2, sum_gx, rtol=0, atol=0)
+    _assert_layout(dx, x)
+    _assert_close(dx, g.double() * _bcast(scale, x.double()), RTOL[dtype], 1e-5, "g * scale")
 
 
 def check_grad_input(shape, dtype, layout, g_layout=None, coef="full", out=None):
@@ -367,6 +375,7 @@ def _compile_all():
                 tk.instance_stats(x)
                 tk.apply_scale_shift(x, mu, mu, mu)
                 tk.grad_sums(x, x, mu)
+                tk.grad_sums(x, x, mu, scale=mu, out=torch.empty_like(x))
                 tk.grad_input(x, x, mu, mu, mu[:1], mu)
     print(json.dumps(sorted(set(compiled))))
 
@@ -442,7 +451,7 @@ def test_availability_follows_import_mode():
 @needs_triton
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_against_pytorch(shape, layout, dtype):
-    from normalization import functional as fn
+    from normalization import ops
     from normalization import triton_kernels as tk
     if tk.INTERPRET:
         pytest.skip("TRITON_INTERPRET=1: the kernels were built for the interpreter")
@@ -470,11 +479,11 @@ def test_gpu_against_pytorch(shape, layout, dtype):
             "sum g(x-mu)": (g64 * (x64 - mu)).sum(-1),
             "y": (x64 - mu) * scale[..., None] + shift[..., None],
             "dx": g64 * scale[..., None] + (x64 - mu) * a[..., None] + b[..., None]}
-    if dtype == F32:    # the PyTorch path of functional.py
+    if dtype == F32:    # the native path of the operators (normalization/ops.py)
         x3c, g3c = x3.contiguous(), g3.contiguous()
-        refs["mean"], refs["var"] = fn.instance_stats(x3c)
-        refs["sum g"], refs["sum g(x-mu)"] = fn._grad_sums(g3c, x3c, mean)
-        refs["y"] = fn.apply_scale_shift(x3c, mean, scale, shift)
+        refs["mean"], refs["var"] = ops._native_stats(x3c)
+        refs["sum g"], refs["sum g(x-mu)"], _ = ops._native_grad_sums(g3c, x3c, mean, None)
+        refs["y"] = ops._native_apply(x3c, mean, scale, shift, x3c.dtype)
     _assert_close(mean, refs["mean"], 1e-5, 1e-5, "mean")
     _assert_close(var, refs["var"], 1e-5, 1e-5, "var")
     for name, got, terms in [("sum g", sum_g, g64), ("sum g(x-mu)", sum_gx, g64 * (x64 - mu))]:
