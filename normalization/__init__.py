@@ -12,7 +12,8 @@ from .ratios import ratios, set_hard_ratios, switch_layers
 from .registry import (BATCH_STAT_NAMES, NORM_LAYERS, SWITCH_LAYERS, SYNC_NAMES, build_norm,
                        get_norm_layer, list_norms)
 from .simple import GroupNorm, InstanceNorm2d, LayerNorm2d, NoNorm
-from .sparse import SparseSwitchNorm2d, set_ssn_radius, sparsemax, sparsestmax
+from .sparse import (SparseSwitchNorm2d, hold_frozen_ratios, set_ssn_radius, sparsemax,
+                     sparsestmax)
 from .switchable import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SyncSwitchNorm2d
 
 __all__ = [
@@ -20,7 +21,7 @@ __all__ = [
     "BATCH_STAT_NAMES", "SYNC_NAMES",
     "BatchNorm2d", "SyncBatchNorm2d", "GroupNorm", "InstanceNorm2d", "LayerNorm2d", "NoNorm",
     "SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "SyncSwitchNorm2d", "SparseSwitchNorm2d",
-    "sparsemax", "sparsestmax", "set_ssn_radius",
+    "sparsemax", "sparsestmax", "set_ssn_radius", "hold_frozen_ratios",
     "ratios", "set_hard_ratios", "switch_layers",
     "convert_norm", "convert_sync", "replace_modules",
     "begin_batch_average", "finalize_batch_average", "abort_batch_average",

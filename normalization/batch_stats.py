@@ -89,14 +89,13 @@ class BatchStatsMixin:
         if not self._sync_active():
             return BatchSpec(self.ghost_batch_size)
         rm = getattr(self, "running_mean", None)
-        shift = (rm.detach().to(ops.acc_dtype(x)) if rm is not None else
-                 x.new_zeros(self.num_features, dtype=ops.acc_dtype(x)))
+        shift = rm if rm is not None else x.new_zeros(self.num_features)
         return BatchSpec(self.ghost_batch_size, shift, ops.group_name(self.process_group))
 
     @torch.no_grad()
     def _after_batch(self, stats: BatchStats, spatial):
         """Accumulate for the batch average, or update the running statistics."""
-        stats = BatchStats(*(t.detach() for t in stats))
+        stats = BatchStats(stats.mean.detach(), stats.var.detach(), stats.count.detach())
         if self._ba is not None:
             w = stats.count.double()[:, None]
             mean = stats.mean.double()

@@ -48,6 +48,9 @@ class BatchNorm2d(BatchStatsMixin, nn.BatchNorm2d):
             s += f", ghost_batch_size={self.ghost_batch_size}"
         return s
 
+    def _check_input_dim(self, input: Tensor):
+        """Done by ``check_input`` in forward (which torch.fx tracing skips)."""
+
     def _fused(self, x: Tensor) -> bool:
         if self.collecting:
             return True
@@ -61,7 +64,7 @@ class BatchNorm2d(BatchStatsMixin, nn.BatchNorm2d):
         check_input(self, x, (4,), "(N, C, H, W)")
         self._check_mode()
         if not self._fused(x):
-            return super().forward(x)
+            return fn.autocast_output(super().forward(x))
         y, stats = fn.switch_norm(x, ("bn",), self.eps, self.weight, self.bias,
                                   batch=self._batch_spec(x))
         self._after_batch(stats, fn.spatial_size(x))
@@ -72,7 +75,7 @@ class BatchNorm2d(BatchStatsMixin, nn.BatchNorm2d):
         """PyTorch's update, per chunk (unbiased variance), averaged over the chunks."""
         if not self.track_running_stats:
             return
-        mean, var, count = stats
+        mean, var, count = stats.mean, stats.var, stats.count
         self.num_batches_tracked.add_(1)
         if self.momentum is None:
             factor = 1.0 / float(self.num_batches_tracked)

@@ -46,7 +46,7 @@ from .ops import acc_dtype
 
 __all__ = ["switch_norm", "batch_statistics", "BatchSpec", "BatchStats", "current_path",
            "compile_path", "set_compile_path", "fx_tracing", "softmax_ratios", "hard_ratios",
-           "spatial_size", "as_3d"]
+           "spatial_size", "as_3d", "autocast_output"]
 
 COMPILE_PATHS = ("plain", "ops")
 _compile_override: Optional[str] = None
@@ -95,10 +95,12 @@ def as_3d(x: Tensor) -> Tensor:
     return x.flatten(2) if x.dim() > 2 else x.unsqueeze(-1)
 
 
-def _bessel(var: Tensor, x: Tensor) -> Tensor:
-    """The authors' unbiased IN variance: ``var * M / (M - 1)`` (unchanged for M = 1)."""
-    m = spatial_size(x)
-    return var * (m / (m - 1)) if m > 1 else var
+def _bessel(var: Tensor, count) -> Tensor:
+    """``var * n / (n - 1)``: Bessel's correction of a biased variance of ``count`` values
+    (unchanged for a single value); ``count`` an int or a tensor."""
+    if isinstance(count, Tensor):
+        return var * (count / (count - 1).clamp_min(1))
+    return var * (count / (count - 1)) if count > 1 else var
 
 
 def _out_dtype(x: Tensor) -> torch.dtype:
@@ -106,6 +108,15 @@ def _out_dtype(x: Tensor) -> torch.dtype:
     if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
+
+
+def autocast_output(y: Tensor) -> Tensor:
+    """A float32 output of a normalizer under autocast, in the autocast dtype (the contract
+    of every normalizer here: statistics in float32, output in the autocast dtype)."""
+    if not fx_tracing() and y.dtype == torch.float32 and \
+            torch.is_autocast_enabled(y.device.type):
+        return y.to(torch.get_autocast_dtype(y.device.type))
+    return y
 
 
 def _bcast(t: Tensor, x: Tensor) -> Tensor:
@@ -177,7 +188,8 @@ def _instance_stats(x: Tensor, path: str) -> Tuple[Tensor, Tensor, Tensor]:
         if torch.is_grad_enabled() and x.requires_grad:
             return _StatsThrough.apply(x)
         return (*ops.instance_stats_impl(x), x)
-    return (*ops.instance_stats(x), x)
+    stats = ops.instance_stats(x)   # (a proxy while fx traces: index, do not unpack)
+    return stats[0], stats[1], x
 
 
 def _apply(x: Tensor, mu: Tensor, scale: Tensor, shift: Tensor, path: str) -> Tensor:
@@ -200,7 +212,8 @@ def _apply(x: Tensor, mu: Tensor, scale: Tensor, shift: Tensor, path: str) -> Te
 class BatchSpec(NamedTuple):
     """How a forward computes BN statistics: chunks of ``ghost`` samples (None: the whole
     local batch); with ``group`` (a process-group name, see ``ops.group_name``) chunk j of
-    every rank is pooled, with the sums taken relative to ``shift`` (per channel)."""
+    every rank is pooled, with the sums taken relative to ``shift`` (per channel, the same
+    on every rank: the running mean), which keeps them small."""
     ghost: Optional[int] = None
     shift: Optional[Tensor] = None
     group: Optional[str] = None
@@ -245,14 +258,16 @@ def _per_sample(t: Tensor, sizes: Sequence[int]) -> Tensor:
 
 
 def batch_statistics(mu: Tensor, var: Tensor, ghost: Optional[int] = None,
-                     shift: Optional[Tensor] = None, group: Optional[str] = None
-                     ) -> Tuple[Tensor, Tensor, BatchStats]:
+                     shift: Optional[Tensor] = None, group: Optional[str] = None,
+                     unbiased_m: int = 0) -> Tuple[Tensor, Tensor, BatchStats]:
     """BN mean and variance for every sample ((N, C), or (1, C) for one chunk) from the
-    IN statistics, and the per-chunk ``BatchStats``. Differentiable."""
+    IN statistics, and the per-chunk ``BatchStats``. Differentiable. With ``unbiased_m``
+    (the positions per sample) each chunk's variance gets Bessel's correction over its
+    ``count * unbiased_m`` values (the authors' SwitchNorm1d)."""
     n, c = mu.shape
     sizes = _chunks(n, ghost)
     if group is not None:
-        d = mu - shift
+        d = mu - shift.detach().to(mu.dtype)
         packed = torch.cat([d, var + d.square(), torch.ones_like(mu[:, :1])], 1)
         packed = ops.all_reduce_sum(_chunk_sum(packed, sizes), group)
         count = packed[:, -1:]
@@ -267,11 +282,13 @@ def batch_statistics(mu: Tensor, var: Tensor, ghost: Optional[int] = None,
         chunk_mean = _chunk_sum(mu, sizes) / count
         dev = mu - _per_sample(chunk_mean, sizes)
         chunk_var = _chunk_sum(var + dev.square(), sizes) / count
+    if unbiased_m:
+        chunk_var = _bessel(chunk_var, count * unbiased_m)
     stats = BatchStats(chunk_mean, chunk_var, count[:, 0])
     return _per_sample(chunk_mean, sizes), _per_sample(chunk_var, sizes), stats
 
 
-for _name in ("spatial_size", "_bessel", "batch_statistics", "_out_dtype"):
+for _name in ("spatial_size", "_bessel", "batch_statistics", "_out_dtype", "acc_dtype"):
     torch.fx.wrap(_name)
 
 
@@ -314,29 +331,37 @@ def switch_norm(x: Tensor, normalizers: Sequence[str], eps: float,
                 ratios: Optional[Tuple[Tensor, Tensor]] = None,
                 batch: Optional[BatchSpec] = None,
                 running: Optional[Tuple[Tensor, Tensor]] = None,
-                bessel: bool = False) -> Tuple[Tensor, Optional[BatchStats]]:
+                unbiased: Optional[str] = None) -> Tuple[Tensor, Optional[BatchStats]]:
     """Normalize ``x`` (N, C, *spatial) by Eq. (3): the ``normalizers`` (in, ln, bn)
     mixed by ``ratios`` = (mean weights, variance weights) (None: a single normalizer).
 
     BN statistics come from the batch (``batch``) or from ``running`` = (mean, var).
-    ``bessel`` applies the authors' unbiased IN variance before anything else.
+    ``unbiased`` reproduces the authors' variances: ``"in"`` applies Bessel's correction
+    to the IN variance before anything else (their 2d/3d layers: LN and BN derived from
+    it), ``"pooled"`` to the LN and BN variances over their own pixel sets (their 1d layer:
+    unbiased over C for LN, over N for BN).
     Returns the output and, with ``batch``, the per-chunk BN statistics (for the
     running averages or the batch average).
     """
     path = current_path()
     mu, var, x_in = _instance_stats(x, path)
-    if bessel:
-        var = _bessel(var, x)
+    if unbiased == "in":
+        var = _bessel(var, spatial_size(x))
+    m = spatial_size(x) if unbiased == "pooled" else 0
     bn = None
     stats = []
     for name in normalizers:
         if name == "in":
             stats.append((mu, var))
         elif name == "ln":
-            stats.append(_pooled(mu, var, 1))
+            mean_ln, var_ln = _pooled(mu, var, 1)
+            if unbiased == "pooled":
+                var_ln = _bessel(var_ln, mu.shape[1] * m)
+            stats.append((mean_ln, var_ln))
         elif batch is not None:
-            m, v, bn = batch_statistics(mu, var, batch.ghost, batch.shift, batch.group)
-            stats.append((m, v))
+            out = batch_statistics(mu, var, batch.ghost, batch.shift, batch.group, m)
+            stats.append((out[0], out[1]))
+            bn = out[2]
         else:
             rm, rv = running
             stats.append((rm.to(mu.dtype)[None], rv.to(mu.dtype)[None]))

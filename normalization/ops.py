@@ -204,8 +204,12 @@ def _with_triton(x: Tensor, triton_fn, native_fn):
     a launch failure falls back to the native path (and disables Triton for x's kind)."""
     tk = _kernels_for(x)
     if tk is not None:
+        guard = torch.cuda.device(x.device) if x.is_cuda else _nullcontext()
+        if triton_mode() == "1":    # forced: failures are the user's to see
+            with guard:
+                return triton_fn(tk)
         try:
-            with torch.cuda.device(x.device) if x.is_cuda else _nullcontext():
+            with guard:
                 return triton_fn(tk)
         except torch.OutOfMemoryError:
             raise

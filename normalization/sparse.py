@@ -22,12 +22,15 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import functional as fn
 from .switchable import SwitchNorm2d
 
-__all__ = ["sparsemax", "sparsestmax", "SparseSwitchNorm2d", "set_ssn_radius"]
+__all__ = ["sparsemax", "sparsestmax", "SparseSwitchNorm2d", "set_ssn_radius",
+           "hold_frozen_ratios"]
 
 _ONE_HOT_TOL = 1e-6
 
@@ -47,8 +50,8 @@ def _norm(v: Tensor) -> Tensor:
     return v.square().sum(-1, keepdim=True).clamp_min(1e-24).sqrt()
 
 
-def _sparsestmax(z: Tensor, radius: Tensor) -> Tensor:
-    """Rows of ``z`` (R, K) -> their projections (R, K), differentiable by autograd.
+def _sparsestmax(z: Tensor, radius: Tensor, k: int) -> Tensor:
+    """Rows of ``z`` (R, K = k) -> their projections (R, K), differentiable by autograd.
 
     Each level of the loop leaves a face of one dimension less; every branch is
     a ``torch.where`` whose unused side stays finite, so the gradient is the
@@ -59,7 +62,7 @@ def _sparsestmax(z: Tensor, radius: Tensor) -> Tensor:
     rad2 = radius.to(z.dtype).square().expand(z.shape[0], 1)
     going = None
     u_prev = None
-    levels = z.shape[-1] - 1
+    levels = k - 1
     for level in range(levels):
         active = (p > 0).to(z.dtype)
         u = active / active.sum(-1, keepdim=True)
@@ -92,20 +95,45 @@ def sparsestmax(z: Tensor, radius) -> Tensor:
     differentiable (autograd through a fixed sequence of tensor ops)."""
     radius = torch.as_tensor(radius, dtype=z.dtype, device=z.device)
     if z.dim() == 1:
-        return _sparsestmax(z[None], radius)[0]
-    return _sparsestmax(z, radius)
+        return _sparsestmax(z[None], radius, z.shape[-1])[0]
+    return _sparsestmax(z, radius, z.shape[-1])
 
 
 def sparsest_ratios(mean_logits: Tensor, var_logits: Tensor, radius: Tensor,
-                    fixed: Tensor) -> Tuple[Tensor, Tensor]:
-    """SSN's ratios: sparsestmax of both logit vectors; a vector whose flag in ``fixed``
-    (2, 1) is set is the one-hot of its argmax, with no gradient."""
+                    mean_fixed: Tensor, var_fixed: Tensor) -> Tuple[Tensor, Tensor]:
+    """SSN's ratios: sparsestmax of both logit vectors at ``radius`` (1,); a vector whose
+    flag (``mean_fixed``, ``var_fixed``: (1,) long) is set is the one-hot of its argmax,
+    with no gradient."""
     logits = torch.stack([mean_logits, var_logits])
-    z = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    soft = _sparsestmax(z, radius)
+    z = logits.to(fn.acc_dtype(logits))
+    soft = _sparsestmax(z, radius[0], z.shape[-1])
     frozen = F.one_hot(z.detach().argmax(-1), z.shape[-1]).to(z.dtype)
+    fixed = torch.cat([mean_fixed, var_fixed]).bool()[:, None]
     ratios = torch.where(fixed, frozen, soft)
     return ratios[0], ratios[1]
+
+
+@torch.no_grad()
+def freeze_one_hot(ratios: Tuple[Tensor, Tensor], mean_logits: Tensor, var_logits: Tensor,
+                   mean_fixed: Tensor, var_fixed: Tensor):
+    """Flag each ratio vector that became one-hot and write the one-hot into its logits."""
+    r = torch.stack(ratios)
+    one_hot = (r.max(-1).values - r.min(-1).values) >= 1.0 - _ONE_HOT_TOL
+    fixed = torch.cat([mean_fixed, var_fixed]).bool()
+    newly = (one_hot & ~fixed)[:, None]
+    hot = F.one_hot(r.argmax(-1), r.shape[-1]).to(mean_logits.dtype)
+    logits = torch.where(newly, hot, torch.stack([mean_logits, var_logits]))
+    mean_logits.copy_(logits[0])
+    var_logits.copy_(logits[1])
+    fixed = (fixed | one_hot).long()
+    mean_fixed.copy_(fixed[:1])
+    var_fixed.copy_(fixed[1:])
+
+
+# called with the layer's parameters and buffers: one node each while torch.fx traces,
+# so the flags and the radius are read when the graph runs, not baked in at trace time
+torch.fx.wrap("sparsest_ratios")
+torch.fx.wrap("freeze_one_hot")
 
 
 class SparseSwitchNorm2d(SwitchNorm2d):
@@ -135,26 +163,41 @@ class SparseSwitchNorm2d(SwitchNorm2d):
     def _ratios(self) -> Tuple[Tensor, Tensor]:
         if self.hard_ratios:
             return super()._ratios()
-        fixed = torch.cat([self.mean_fixed, self.var_fixed]).bool()[:, None]
-        return sparsest_ratios(self.mean_weight, self.var_weight, self.radius[0], fixed)
+        return sparsest_ratios(self.mean_weight, self.var_weight, self.radius, self.mean_fixed,
+                               self.var_fixed)
 
-    @torch.no_grad()
     def _after_ratios(self, ratios):
         """Freeze a ratio vector that became one-hot: flag it, write the one-hot into its logits."""
-        if not self.training or self.collecting or ratios[0] is None:
-            return
-        r = torch.stack(ratios)
-        one_hot = (r.max(-1).values - r.min(-1).values) >= 1.0 - _ONE_HOT_TOL
-        fixed = torch.cat([self.mean_fixed, self.var_fixed]).bool()
-        newly = (one_hot & ~fixed)[:, None]
-        hot = F.one_hot(r.argmax(-1), r.shape[-1]).to(self.mean_weight.dtype)
-        logits = torch.stack([self.mean_weight, self.var_weight])
-        logits = torch.where(newly, hot, logits)
-        self.mean_weight.copy_(logits[0])
-        self.var_weight.copy_(logits[1])
-        fixed = (fixed | one_hot).long()
-        self.mean_fixed.copy_(fixed[:1])
-        self.var_fixed.copy_(fixed[1:])
+        if self.training and not self.collecting:
+            freeze_one_hot(ratios, self.mean_weight, self.var_weight, self.mean_fixed,
+                           self.var_fixed)
+
+
+def hold_frozen_ratios(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """Make frozen SSN ratios untouchable by ``optimizer``, as the authors' SSN does by
+    detaching them (their gradient is None, so momentum and weight decay skip them).
+
+    A frozen vector already gets a zero gradient; after every optimizer step this hook
+    puts it back to its one-hot and zeroes its optimizer state (momentum, Adam moments),
+    so neither the velocity it had nor weight decay moves it. Device-side only: no host
+    synchronisation. Returns the hook handle (None without SSN layers).
+    """
+    layers = [m for m in model.modules() if isinstance(m, SparseSwitchNorm2d)]
+    if not layers:
+        return None
+
+    @torch.no_grad()
+    def restore(opt, args, kwargs):
+        for layer in layers:
+            for p, flag in ((layer.mean_weight, layer.mean_fixed),
+                            (layer.var_weight, layer.var_fixed)):
+                fixed = flag.bool()
+                hot = F.one_hot(p.argmax(), p.numel()).to(p.dtype)
+                p.copy_(torch.where(fixed, hot, p))
+                for value in opt.state.get(p, {}).values():
+                    if torch.is_tensor(value) and value.shape == p.shape:
+                        value.copy_(torch.where(fixed, torch.zeros_like(value), value))
+    return optimizer.register_step_post_hook(restore)
 
 
 @torch.no_grad()

@@ -162,11 +162,15 @@ class _SwitchNormBase(BatchStatsMixin, nn.Module):
             else None
         y, stats = fn.switch_norm(x, self.normalizers, self.eps, self.weight, self.bias, ratios,
                                   batch=self._batch_spec(x) if use_batch else None,
-                                  running=running, bessel=self.variance == "authors")
+                                  running=running, unbiased=self._unbiased())
         if stats is not None:
             self._after_batch(stats, None)
         self._after_ratios(ratios)
         return y
+
+    def _unbiased(self) -> Optional[str]:
+        """The authors' variance convention: Bessel-corrected IN variances (2d, 3d)."""
+        return "in" if self.variance == "authors" else None
 
     def _after_ratios(self, ratios):
         """Hook for SSN (freezing one-hot ratios)."""
@@ -208,10 +212,14 @@ class SwitchNorm2d(_SwitchNormBase):
 
 
 class SwitchNorm3d(_SwitchNormBase):
-    """SN for video (N, C, T, H, W): statistics over (T, H, W) as in the Kinetics experiment."""
+    """SN for video (N, C, T, H, W): statistics over (T, H, W) as in the Kinetics experiment.
+    ``momentum`` defaults to the authors' 0.997 for this layer."""
 
     _dims = (5,)
     _layout = "(N, C, T, H, W)"
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.997, **kwargs):
+        super().__init__(num_features, eps, momentum, **kwargs)
 
 
 class SwitchNorm1d(_SwitchNormBase):
@@ -219,11 +227,20 @@ class SwitchNorm1d(_SwitchNormBase):
 
     LN pools over (C, L) per sample, BN over (N, L) per channel; the ratio
     vectors are ordered (LN, BN), or (LN,) with ``using_bn=False``.
+    ``momentum`` defaults to the authors' 0.997 for this layer, and
+    ``variance="authors"`` is their 1d layer: LN and BN variances with Bessel's
+    correction over their own pixel sets (over C, and over N, for (N, C)).
     """
 
     _dims = (2, 3)
     _layout = "(N, C)|(N, C, L)"
     _family = ("ln", "bn")
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.997, **kwargs):
+        super().__init__(num_features, eps, momentum, **kwargs)
+
+    def _unbiased(self) -> Optional[str]:
+        return "pooled" if self.variance == "authors" else None
 
 
 class SyncSwitchNorm2d(SwitchNorm2d):

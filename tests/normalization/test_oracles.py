@@ -169,3 +169,25 @@ def test_our_batchnorm_is_pytorch_batchnorm_without_ghosts():
     torch.testing.assert_close(ours(x), ref(x))
     torch.testing.assert_close(ours.running_var, ref.running_var)
     assert list(ours.state_dict()) == list(ref.state_dict())
+
+
+def test_switchnorm1d_authors_variance_matches_their_layer():
+    """The authors' SwitchNorm1d, written out: LN over C and BN over N with unbiased
+    variances (x.var default), momentum 0.997 for the running statistics."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, dtype=torch.float64) * 2 + 1
+    layer = N.SwitchNorm1d(5, variance="authors").double()
+    with torch.no_grad():
+        layer.mean_weight.copy_(torch.tensor([0.3, -0.2]))
+        layer.var_weight.copy_(torch.tensor([-0.5, 0.4]))
+        layer.weight.normal_()
+        layer.bias.normal_()
+    y = layer(x)
+    mw, vw = torch.softmax(layer.mean_weight, 0), torch.softmax(layer.var_weight, 0)
+    mean = mw[0] * x.mean(1, keepdim=True) + mw[1] * x.mean(0, keepdim=True)
+    var = vw[0] * x.var(1, keepdim=True) + vw[1] * x.var(0, keepdim=True)
+    ref = (x - mean) / (var + layer.eps).sqrt() * layer.weight + layer.bias
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    assert layer.momentum == 0.997 and N.SwitchNorm3d(4).momentum == 0.997
+    torch.testing.assert_close(layer.running_var, 0.997 + 0.003 * x.var(0))
+    torch.testing.assert_close(layer.running_mean, 0.003 * x.mean(0))

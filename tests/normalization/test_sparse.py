@@ -154,3 +154,35 @@ def test_ratios_helper_names_and_order():
     assert list(r) == ["1", "2"]
     assert r["1"]["mean"].shape == (3,) and r["2"]["var"].shape == (2,)
     torch.testing.assert_close(r["1"]["mean"], torch.full((3,), 1 / 3))
+
+
+def test_frozen_ratios_are_untouched_by_momentum_and_weight_decay():
+    """As the authors' SSN (which detaches frozen ratios): once one-hot, the logits do not
+    move, whatever velocity they had or weight decay; the unfrozen vector keeps training."""
+    torch.manual_seed(0)
+    layer = N.SparseSwitchNorm2d(4)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
+    assert N.hold_frozen_ratios(nn.Sequential(layer), opt) is not None
+    x = torch.randn(4, 4, 5, 5)
+    layer.set_radius(0.3)
+    for _ in range(3):                      # build up velocity in every logit
+        opt.zero_grad()
+        (layer(x) * torch.randn(4, 4, 5, 5)).sum().backward()
+        opt.step()
+    with torch.no_grad():                   # the mean ratios become one-hot at this radius
+        layer.mean_weight.copy_(torch.tensor([2.0, 0.0, -1.0]))
+    layer.set_radius(1.0)
+    layer(x)
+    assert int(layer.mean_fixed) == 1
+    layer.set_radius(0.3)
+    for _ in range(4):
+        opt.zero_grad()
+        var_before = layer.var_weight.detach().clone()
+        (layer(x) * torch.randn(4, 4, 5, 5)).sum().backward()
+        assert layer.mean_weight.grad.abs().sum() == 0
+        opt.step()
+        torch.testing.assert_close(layer.mean_weight.detach(), torch.tensor([1.0, 0.0, 0.0]),
+                                   rtol=0, atol=0)
+        assert opt.state[layer.mean_weight]["momentum_buffer"].abs().sum() == 0
+        if not int(layer.var_fixed):
+            assert not torch.equal(layer.var_weight.detach(), var_before)

@@ -229,6 +229,35 @@ def check_edge_cases():
         tk.grad_sums(torch.zeros(2, 3, 4), torch.zeros(2, 3, 5), torch.zeros(2, 3))
 
 
+def check_layer_through_ops(dtype, layout):
+    """SN layers routed through the operators onto the interpreted kernels: the auto
+    self-check approves them, and forward and backward equal the native path."""
+    import copy
+
+    import normalization as N
+    from normalization import ops
+    ops._triton_device = lambda x: True         # (the interpreter runs on CPU tensors)
+    ops.reset_triton_checks()
+    ops.set_triton_mode("auto")
+    torch.manual_seed(0)
+    layer = N.build_norm("sn", 6, ghost_batch_size=2)
+    x = _make((4, 6, 5, 3), dtype, layout, 13, loc=3.0, std=2.0)
+    g = _make((4, 6, 5, 3), dtype, layout, 14)
+    results = []
+    for mode in ("auto", "0"):
+        ops.set_triton_mode(mode)
+        xi = x.clone().requires_grad_()
+        lay = copy.deepcopy(layer)
+        y = lay(xi)
+        y.backward(g)
+        results.append((y.detach(), xi.grad, lay.weight.grad, lay.mean_weight.grad))
+    assert set(ops.triton_status().values()) == {"ok"}, ops.triton_status()
+    for name, a, b in zip(("y", "dx", "dweight", "dratio"), *results):
+        # bf16: one rounding of an intermediate (g * scale, up to |dx|'s size) may differ
+        # by an ulp between the paths (the interpreter rounds bf16 by truncation)
+        _assert_close(a, b, max(RTOL[dtype], 1e-5), 1e-4 + RTOL[dtype] * b.abs().max(), name)
+
+
 def _cases():
     """id -> (check, kwargs); small shapes: the interpreter runs one program at a time."""
     cases = {}
@@ -273,6 +302,8 @@ def _cases():
         for layout in ("nchw", "cl"):
             add(check_instance_norm, shape=(2, 6, 5, 7), dtype=dtype, layout=layout)
     cases["edge_cases"] = (check_edge_cases, {})
+    for dtype, layout in ((F32, "nchw"), (BF16, "cl")):
+        add(check_layer_through_ops, dtype=dtype, layout=layout)
     return cases
 
 
