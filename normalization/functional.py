@@ -293,19 +293,17 @@ for _name in ("spatial_size", "_bessel", "batch_statistics", "_out_dtype", "acc_
 
 
 # -- ratios (Eq. 5) -------------------------------------------------------------------------
-def softmax_ratios(mean_logits: Tensor, var_logits: Tensor) -> Tuple[Tensor, Tensor]:
-    """Eq. (5): the softmax of both logit vectors, in float32 (float64)."""
+def softmax_ratios(mean_logits: Tensor, var_logits: Tensor) -> Tensor:
+    """Eq. (5): the softmax of both logit vectors, (2, K) (mean, var), in float32 (float64)."""
     logits = torch.stack([mean_logits, var_logits])
-    w = torch.softmax(logits.to(acc_dtype(logits)), -1)
-    return w[0], w[1]
+    return torch.softmax(logits.to(acc_dtype(logits)), -1)
 
 
-def hard_ratios(mean_logits: Tensor, var_logits: Tensor) -> Tuple[Tensor, Tensor]:
-    """Sparse SN with hard ratios: the one-hot of each argmax, no gradient to the logits."""
+def hard_ratios(mean_logits: Tensor, var_logits: Tensor) -> Tensor:
+    """Sparse SN with hard ratios: the one-hot of each argmax, (2, K), no gradient."""
     logits = torch.stack([mean_logits, var_logits]).detach()
     hot = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1])
-    hot = hot.to(acc_dtype(logits))
-    return hot[0], hot[1]
+    return hot.to(acc_dtype(logits))
 
 
 def _pooled(mu: Tensor, var: Tensor, dim: int) -> Tuple[Tensor, Tensor]:
@@ -316,24 +314,27 @@ def _pooled(mu: Tensor, var: Tensor, dim: int) -> Tuple[Tensor, Tensor]:
     return mean, var.mean(dim, keepdim=True) + spread
 
 
-def _mix(stats: Sequence[Tensor], w: Tensor) -> Tensor:
-    """Eq. (3): ``sum_k w_k stat_k`` (elementwise: no matmul, which autocast would
-    run in low precision)."""
-    out = stats[0] * w[0]
-    for k in range(1, len(stats)):
-        out = torch.addcmul(out, stats[k], w[k])
-    return out
+def _mix(stats: Sequence[Tuple[Tensor, Tensor]], w: Tensor) -> Tuple[Tensor, Tensor]:
+    """Eq. (3): ``sum_k w[0, k] mean_k`` and ``sum_k w[1, k] var_k`` for the (mean, var)
+    pairs ``stats`` and the (2, K) ratios ``w``, as one broadcast multiply and sum
+    (elementwise: no matmul, which autocast would run in low precision)."""
+    k = len(stats)
+    parts = torch.broadcast_tensors(*[s[0] for s in stats], *[s[1] for s in stats])
+    both = torch.stack(parts, -1).unflatten(-1, (2, k))     # (N, C, 2, K)
+    mixed = (both * w).sum(-1)
+    return mixed[..., 0], mixed[..., 1]
 
 
 # -- one layer ------------------------------------------------------------------------------
 def switch_norm(x: Tensor, normalizers: Sequence[str], eps: float,
                 weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                ratios: Optional[Tuple[Tensor, Tensor]] = None,
+                ratios: Optional[Tensor] = None,
                 batch: Optional[BatchSpec] = None,
                 running: Optional[Tuple[Tensor, Tensor]] = None,
                 unbiased: Optional[str] = None) -> Tuple[Tensor, Optional[BatchStats]]:
     """Normalize ``x`` (N, C, *spatial) by Eq. (3): the ``normalizers`` (in, ln, bn)
-    mixed by ``ratios`` = (mean weights, variance weights) (None: a single normalizer).
+    mixed by ``ratios`` (2, K): the mean weights, then the variance weights (None: a
+    single normalizer).
 
     BN statistics come from the batch (``batch``) or from ``running`` = (mean, var).
     ``unbiased`` reproduces the authors' variances: ``"in"`` applies Bessel's correction
@@ -368,12 +369,12 @@ def switch_norm(x: Tensor, normalizers: Sequence[str], eps: float,
     if ratios is None:
         mean, mixed = stats[0]
     else:
-        mean = _mix([s[0] for s in stats], ratios[0].to(mu.dtype))
-        mixed = _mix([s[1] for s in stats], ratios[1].to(mu.dtype))
+        mean, mixed = _mix(stats, ratios.to(mu.dtype))
     scale = torch.rsqrt(mixed + eps)
     if weight is not None:
         scale = scale * weight.to(mu.dtype)
-    shift = (mu - mean) * scale
     if bias is not None:
-        shift = shift + bias.to(mu.dtype)
+        shift = torch.addcmul(bias.to(mu.dtype), mu - mean, scale)
+    else:
+        shift = (mu - mean) * scale
     return _apply(x_in, mu, scale, shift, path), bn

@@ -100,24 +100,24 @@ def sparsestmax(z: Tensor, radius) -> Tensor:
 
 
 def sparsest_ratios(mean_logits: Tensor, var_logits: Tensor, radius: Tensor,
-                    mean_fixed: Tensor, var_fixed: Tensor) -> Tuple[Tensor, Tensor]:
-    """SSN's ratios: sparsestmax of both logit vectors at ``radius`` (1,); a vector whose
-    flag (``mean_fixed``, ``var_fixed``: (1,) long) is set is the one-hot of its argmax,
-    with no gradient."""
+                    mean_fixed: Tensor, var_fixed: Tensor) -> Tensor:
+    """SSN's ratios (2, K): sparsestmax of both logit vectors at ``radius`` (1,); a vector
+    whose flag (``mean_fixed``, ``var_fixed``: (1,) long) is set is the one-hot of its
+    argmax, with no gradient."""
     logits = torch.stack([mean_logits, var_logits])
     z = logits.to(fn.acc_dtype(logits))
     soft = _sparsestmax(z, radius[0], z.shape[-1])
     frozen = F.one_hot(z.detach().argmax(-1), z.shape[-1]).to(z.dtype)
     fixed = torch.cat([mean_fixed, var_fixed]).bool()[:, None]
-    ratios = torch.where(fixed, frozen, soft)
-    return ratios[0], ratios[1]
+    return torch.where(fixed, frozen, soft)
 
 
 @torch.no_grad()
-def freeze_one_hot(ratios: Tuple[Tensor, Tensor], mean_logits: Tensor, var_logits: Tensor,
+def freeze_one_hot(ratios: Tensor, mean_logits: Tensor, var_logits: Tensor,
                    mean_fixed: Tensor, var_fixed: Tensor):
-    """Flag each ratio vector that became one-hot and write the one-hot into its logits."""
-    r = torch.stack(ratios)
+    """Flag each ratio vector (rows of ``ratios``, (2, K)) that became one-hot and write
+    the one-hot into its logits."""
+    r = ratios
     one_hot = (r.max(-1).values - r.min(-1).values) >= 1.0 - _ONE_HOT_TOL
     fixed = torch.cat([mean_fixed, var_fixed]).bool()
     newly = (one_hot & ~fixed)[:, None]
@@ -160,7 +160,7 @@ class SparseSwitchNorm2d(SwitchNorm2d):
     def set_radius(self, r: float):
         self.radius.fill_(float(r))
 
-    def _ratios(self) -> Tuple[Tensor, Tensor]:
+    def _ratios(self) -> Tensor:
         if self.hard_ratios:
             return super()._ratios()
         return sparsest_ratios(self.mean_weight, self.var_weight, self.radius, self.mean_fixed,

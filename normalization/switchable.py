@@ -125,16 +125,16 @@ class _SwitchNormBase(BatchStatsMixin, nn.Module):
         return s
 
     # -- ratios -------------------------------------------------------------------------
-    def _ratios(self) -> Tuple[Tensor, Tensor]:
-        """The importance weights (mean, var) of Eq. (5): softmax, or hard one-hot ratios."""
+    def _ratios(self) -> Tensor:
+        """The importance weights of Eq. (5), (2, K) (mean, var): softmax, or hard one-hot."""
         ratio_fn = fn.hard_ratios if self.hard_ratios else fn.softmax_ratios
         return ratio_fn(self.mean_weight, self.var_weight)
 
     @torch.no_grad()
     def switch_ratios(self) -> Tuple[Tensor, Tensor]:
         """The importance weights (mean, var) this layer uses, ordered as ``normalizers``."""
-        mw, vw = self._ratios()
-        return mw.detach().float().clone(), vw.detach().float().clone()
+        w = self._ratios().detach().float()
+        return w[0].clone(), w[1].clone()
 
     def _hard_bn_only(self) -> bool:
         """Eval with hard ratios that pick BN for mean and variance (cached on host)."""

@@ -10,10 +10,14 @@ loop. The median over all recorded steps is reported, with its ratio to
 authors' algorithm in plain PyTorch ops (``normalization.reference``). On CUDA
 ``sn`` runs the fused Triton kernels and ``sn-native`` the same layer on
 PyTorch's native kernels; four modes: fp32 and bf16 autocast, NCHW and
-channels_last (cuDNN BatchNorm2d is the reference in each).
+channels_last (cuDNN BatchNorm2d is the reference in each). A name ending in
+``:c`` is that layer under ``torch.compile`` (inductor); ``--compiled`` adds
+``bn:c``, ``sn:c`` and ``sn-ref:c``, so compiled SN is compared with compiled
+BatchNorm and the authors' algorithm compiled, side by side.
 
     python tools/benchmark_norm.py                   # CPU, and CUDA when present
     python tools/benchmark_norm.py --device cpu --repeats 15 --json out.json
+    python tools/benchmark_norm.py --device cpu --norms sn --compiled
 """
 from __future__ import annotations
 
@@ -41,7 +45,12 @@ MODES = {"fp32": (False, False), "fp32-cl": (False, True), "bf16": (True, False)
          "bf16-cl": (True, True)}  # (bf16 autocast, channels_last)
 
 
+COMPILED = ["bn:c", "sn:c", "sn-ref:c"]
+
+
 def make_layer(name: str, channels: int) -> nn.Module:
+    if name.endswith(":c"):
+        return torch.compile(make_layer(name[:-2], channels))
     if name == "bn":
         return nn.BatchNorm2d(channels)
     if name == "sn-ref":
@@ -84,7 +93,7 @@ def bench_shape(shape, norms, device, mode, warmup, repeats, block=3):
     def step(layer, name):
         def run():
             x.grad = None
-            previous = set_triton_mode("0" if name == "sn-native" else None)
+            previous = set_triton_mode("0" if name.startswith("sn-native") else None)
             try:
                 with dtype_ctx():
                     y = layer(x)
@@ -117,6 +126,9 @@ def print_table(title, rows, norms):
             r = res[n] / res["bn"]
             cells.append(f"{res[n]:9.2f} ({r:4.2f}x)")
         print(f"{str(tuple(shape)):>20s} " + " ".join(f"{c:>16s}" for c in cells))
+    if "sn:c" in norms and "sn-ref:c" in norms:
+        print("compiled sn / compiled sn-ref: " + ", ".join(
+            f"{res['sn:c'] / res['sn-ref:c']:.2f}x" for _, res in rows))
 
 
 def main(argv=None):
@@ -129,11 +141,14 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=1, help="unrecorded rounds")
     ap.add_argument("--repeats", type=int, default=5, help="recorded rounds")
     ap.add_argument("--block", type=int, default=3, help="recorded steps per turn")
+    ap.add_argument("--compiled", action="store_true",
+                    help="add compiled bn, sn and sn-ref (" + ", ".join(COMPILED) + ")")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
 
     def chosen(default):
         norms = [n for n in (args.norms or ",".join(default)).split(",") if n]
+        norms = norms + [n for n in COMPILED if args.compiled and n not in norms]
         return norms if "bn" in norms else ["bn"] + norms
     shapes = SHAPES if not args.shapes else [
         tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]

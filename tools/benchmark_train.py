@@ -5,10 +5,13 @@ All models are built in one process and timed in turns on the same synthetic
 batch (median over the recorded steps), with each one's ratio to BatchNorm.
 ``sn-ref`` is SN computed by the authors' algorithm in plain PyTorch ops
 (``normalization.reference.ReferenceSwitchNorm2d``). On CUDA the table is
-repeated with AMP (bf16) and channels_last.
+repeated with AMP (bf16) and channels_last. A name ending in ``:c`` is that
+model under ``torch.compile`` (inductor, compiled before timing); ``--compiled``
+adds ``bn:c``, ``sn:c`` and ``sn-ref:c``.
 
     python tools/benchmark_train.py                              # ResNet-50, batch 16, 224 px
     python tools/benchmark_train.py --norms bn,gn,sn,ssn,sn-ref --batch 32 --steps 5
+    python tools/benchmark_train.py --norms bn,sn --compiled    # eager and compiled
 """
 from __future__ import annotations
 
@@ -29,7 +32,12 @@ from normalization import replace_modules  # noqa: E402
 from normalization.reference import ReferenceSwitchNorm2d  # noqa: E402
 
 
+COMPILED = ["bn:c", "sn:c", "sn-ref:c"]
+
+
 def make_model(arch: str, norm: str, num_classes: int) -> nn.Module:
+    if norm.endswith(":c"):
+        return make_model(arch, norm[:-2], num_classes)
     if norm == "sn-ref":
         model = build_model(arch, num_classes, "bn", zero_init_last=False)
         return replace_modules(model, lambda m: ReferenceSwitchNorm2d(m.num_features)
@@ -51,7 +59,7 @@ def bench(args, device, amp: bool, channels_last: bool):
     for norm in args.norms:
         model = make_model(args.model, norm, 1000).to(device).to(memory_format=fmt).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-        runs[norm] = (model, opt)
+        runs[norm] = (torch.compile(model) if norm.endswith(":c") else model, opt)
     ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
     crit = nn.CrossEntropyLoss()
 
@@ -87,9 +95,12 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=1, help="unrecorded rounds")
     ap.add_argument("--inner", type=int, default=1, help="steps per timed turn")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--compiled", action="store_true",
+                    help="add compiled bn, sn and sn-ref (" + ", ".join(COMPILED) + ")")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     args.norms = [n for n in args.norms.split(",") if n]
+    args.norms += [n for n in COMPILED if args.compiled and n not in args.norms]
     if "bn" not in args.norms:
         args.norms.insert(0, "bn")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -103,9 +114,11 @@ def main(argv=None):
     results = []
     for label, amp, cl in modes:
         ips = bench(args, device, amp, cl)
-        print(f"\n{device.type} {label}: images/s (time per step relative to bn)")
+        print(f"\n{device.type} {label}: images/s (time per step relative to bn; "
+              "compiled rows relative to bn:c)")
         for norm, v in ips.items():
-            print(f"  {norm:>8s} {v:9.2f} img/s  {ips['bn'] / v:5.2f}x")
+            base = ips["bn:c"] if norm.endswith(":c") and "bn:c" in ips else ips["bn"]
+            print(f"  {norm:>8s} {v:9.2f} img/s  {base / v:5.2f}x")
         results.append({"device": device.type, "mode": label, "images_per_sec": ips})
     if args.json:
         with open(args.json, "w") as f:
