@@ -47,10 +47,22 @@ def main(argv=None) -> int:
         print(format_config(cfg), end="")
         return 0
     from engine.cli import run_cli
+    from engine.trainer import NonFiniteLossError
+    return run_cli(lambda: train(cfg), extra_errors=(NonFiniteLossError,))
+
+
+def train(cfg) -> int:
+    """Resume, refuse or start the run in ``cfg.output_dir`` (engine.runfolder), then train."""
     from engine.distributed import init_distributed
-    from engine.trainer import NonFiniteLossError, Trainer
-    return run_cli(lambda: Trainer(cfg, init_distributed(cfg.train.device)).fit(),
-                   extra_errors=(NonFiniteLossError,))
+    from engine.runfolder import inspect_run_folder
+    from engine.trainer import Trainer
+    folder = inspect_run_folder(cfg)
+    if folder.complete:  # nothing to do, and nothing in output_dir is touched
+        if os.environ.get("RANK", "0") == "0":
+            print(folder.complete, flush=True)
+        return 0
+    Trainer(cfg, init_distributed(cfg.train.device), folder).fit()
+    return 0
 
 
 if __name__ == "__main__":

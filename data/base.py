@@ -16,8 +16,9 @@ class Loader:
 
     Attributes: ``backend`` ("torchvision" or "dali"), ``reason`` (one log line),
     ``dataset_size`` (samples in the split), ``num_samples`` (samples this rank
-    yields per epoch), ``num_classes``, ``classes``, ``bad_images`` (images
-    skipped on this rank since the last ``set_epoch``), ``device``.
+    yields per epoch), ``num_classes``, ``classes``, ``bad_images`` (unreadable
+    images met on this rank since the last ``set_epoch``: replaced by other samples of the
+    rank's shard in training, left out in validation), ``device``.
     """
 
     backend = ""

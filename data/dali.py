@@ -241,9 +241,11 @@ class DaliLoader(Loader):
         bad = verify_images(images, mode)
         note = f"{mode} check of {len(images)} files: {len(bad)} bad " \
                f"({time.perf_counter() - start:.1f} s)"
-        if bad and self.cfg.on_bad_image == "error":
+        if bad and (self.cfg.on_bad_image == "error" or len(bad) == len(images)):
             index, problem = bad[0]
-            raise BadImageError(f"{images.path(index)}: cannot decode image ({problem})")
+            none = f"; none of the {len(images)} images of {images.source} is readable" \
+                if len(bad) == len(images) else ""
+            raise BadImageError(f"{images.path(index)}: cannot decode image ({problem}){none}")
         if bad and sampler.rank == 0:
             listed = "; ".join(f"{images.path(i)} ({p})" for i, p in bad[:5])
             warnings.warn(f"DALI: leaving out {len(bad)} unreadable image(s): {listed}"

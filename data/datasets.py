@@ -41,10 +41,13 @@ class BadImageError(RuntimeError):
 
 @dataclass(frozen=True)
 class BadSample:
-    """Stands in for a sample whose image could not be decoded (policy ``skip``)."""
+    """Stands in for a sample whose image could not be decoded (policy ``skip``); ``index``
+    and ``seed`` are the request's, so that the loader can put another sample in its place."""
 
     path: str
     error: str
+    index: int = -1
+    seed: int = 0
 
 
 @dataclass
@@ -217,6 +220,6 @@ class ImageDataset(Dataset):
             message = f"{type(exc).__name__}: {exc}"
             if self.on_bad_image == "error":
                 raise BadImageError(f"{path}: cannot decode image ({message})") from exc
-            return BadSample(path, message)
+            return BadSample(path, message, int(index), int(seed))
         image, shift = self.transform(img, random.Random(seed))
         return image, shift, int(self.images.labels[index])

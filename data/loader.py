@@ -4,10 +4,19 @@ Both backends return an object with the same interface (see :class:`Loader`):
 ``len()`` batches per epoch on this rank, iteration yielding normalised
 float32 ``(N, 3, H, W)`` images and int64 targets on ``device``, and
 ``set_epoch(epoch, start_iter)`` before each epoch.
+
+Unreadable images (``data.on_bad_image: skip``): in training each one is replaced
+by another sample of the same rank's shard, chosen from ``(seed, epoch, rank,
+position)`` only, so every rank runs the same iterations with whole batches (and
+whole per-GPU chunks) and a resumed run sees the same batches; in validation it is
+left out, so every image counts at most once. Either way it is counted in
+``bad_images``. A shard in which no replacement decodes is an error.
 """
 from __future__ import annotations
 
+import signal
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, NamedTuple, Optional, Tuple
 
@@ -20,32 +29,55 @@ from .datasets import (BadImageError, BadSample, ImageDataset, ImageList, class_
                        read_list_file, scan_folder)
 from .demo import ensure_demo_dataset
 from .presets import ClassificationPresetEval, ClassificationPresetTrain, Normalizer
-from .sampler import ShardedBatchSampler
+from .sampler import ShardedBatchSampler, mix_seed
 
 __all__ = ["build_loader", "build_image_list", "build_preset", "select_backend",
            "TorchvisionLoader"]
 
 SPLITS = ("train", "val")
 
+#: Other samples of the shard tried in place of an unreadable one before giving up.
+REPLACEMENT_TRIES = 16
+
 
 class Batch(NamedTuple):
-    """What a DataLoader worker hands over: uint8 images, RGB shifts, labels, bad files."""
+    """What a DataLoader worker hands over: uint8 images, RGB shifts and labels of the
+    decoded samples, and ``(position in the batch, BadSample)`` of the others."""
 
     images: torch.Tensor
     shifts: torch.Tensor
     labels: torch.Tensor
-    bad: List[Tuple[str, str]]
+    bad: List[Tuple[int, BadSample]]
 
 
 def collate_samples(samples: list) -> Batch:
-    """Stack the decoded samples; drop the bad ones and carry their paths with the batch."""
+    """Stack the decoded samples; carry the bad ones, with their positions, separately."""
     good = [s for s in samples if not isinstance(s, BadSample)]
-    bad = [(s.path, s.error) for s in samples if isinstance(s, BadSample)]
+    bad = [(i, s) for i, s in enumerate(samples) if isinstance(s, BadSample)]
     if not good:
         empty = torch.empty(0, dtype=torch.uint8)
         return Batch(empty, torch.empty(0, 3), torch.empty(0, dtype=torch.int64), bad)
     return Batch(torch.stack([s[0] for s in good]), torch.stack([s[1] for s in good]),
                  torch.tensor([s[2] for s in good], dtype=torch.int64), bad)
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM: torchrun, SLURM and ``kill -TERM -- -PGID`` signal
+    the whole process group, and the main process decides (the trainer saves and exits;
+    the workers then follow their parent)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+@contextmanager
+def _sigterm_held():
+    """Hold SIGTERM while workers start, so none arrives before they ignore it (a forked
+    worker inherits the mask; the main process gets the signal when this block ends)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class TorchvisionLoader(Loader):
@@ -55,11 +87,13 @@ class TorchvisionLoader(Loader):
 
     def __init__(self, dataset: ImageDataset, sampler: ShardedBatchSampler, *, workers: int,
                  pin_memory: bool, prefetch_factor: int, device: torch.device,
-                 mean, std, on_bad_image: str, reason: str):
+                 mean, std, on_bad_image: str, reason: str, replace_bad: bool = False):
         super().__init__(dataset.images, sampler, device, reason)
-        self.on_bad_image = on_bad_image
+        self.on_bad_image, self.replace_bad = on_bad_image, replace_bad
+        self._dataset = dataset
         self._normalize = Normalizer(mean, std)
         self._warned = set()
+        self._shard: Tuple[Optional[int], List[int]] = (None, [])
         # A generator of its own: starting an epoch draws the workers' base seed from it, not
         # from the global RNG, which belongs to the model (dropout) and is restored on resume.
         # (Augmentation is seeded per sample by the sampler; the base seed is unused.)
@@ -67,14 +101,17 @@ class TorchvisionLoader(Loader):
             dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_samples,
             pin_memory=pin_memory, persistent_workers=workers > 0,
             prefetch_factor=prefetch_factor if workers > 0 else None,
-            generator=torch.Generator().manual_seed(0))
+            generator=torch.Generator().manual_seed(0),
+            worker_init_fn=_ignore_sigterm if workers > 0 else None)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         self._begin_epoch()
-        for batch in self._loader:
+        with _sigterm_held():
+            batches = iter(self._loader)
+        for i, batch in enumerate(batches, self.sampler.start_iter):
             if batch.bad:
-                self._record_bad(batch.bad)
-            if batch.labels.numel() == 0:
+                batch = self._handle_bad(batch, i)
+            if batch.labels.numel() == 0:  # validation only: every image was unreadable
                 continue
             yield self._to_device(batch)
 
@@ -84,15 +121,47 @@ class TorchvisionLoader(Loader):
         targets = batch.labels.to(self.device, non_blocking=True)
         return self._normalize(images, shifts), targets
 
-    def _record_bad(self, bad: List[Tuple[str, str]]) -> None:
+    def _handle_bad(self, batch: Batch, batch_index: int) -> Batch:
+        """Apply ``on_bad_image`` to the unreadable samples of batch ``batch_index``."""
         if self.on_bad_image == "error":
-            path, error = bad[0]
-            raise BadImageError(f"{path}: cannot decode image ({error})")
-        self.bad_images += len(bad)
-        for path, error in bad:
-            if path not in self._warned:
-                self._warned.add(path)
-                warnings.warn(f"skipped unreadable image {path} ({error})", stacklevel=3)
+            bad = batch.bad[0][1]
+            raise BadImageError(f"{bad.path}: cannot decode image ({bad.error})")
+        self.bad_images += len(batch.bad)
+        what = "replaced by another image of this rank's shard" if self.replace_bad \
+            else "left out"
+        for _, bad in batch.bad:
+            if bad.path not in self._warned:
+                self._warned.add(bad.path)
+                warnings.warn(f"unreadable image {bad.path} ({bad.error}): {what}",
+                              stacklevel=3)
+        return self._fill(batch, batch_index) if self.replace_bad else batch
+
+    def _fill(self, batch: Batch, batch_index: int) -> Batch:
+        """The whole batch, each unreadable sample replaced in its position."""
+        good = iter(zip(batch.images, batch.shifts, batch.labels.tolist()))
+        slots = dict(batch.bad)
+        first = batch_index * self.sampler.batch_size
+        samples = [self._substitute(slots[p], first + p) if p in slots else next(good)
+                   for p in range(len(batch.labels) + len(slots))]
+        return Batch(torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples]),
+                     torch.tensor([s[2] for s in samples], dtype=torch.int64), [])
+
+    def _substitute(self, bad: BadSample, position: int):
+        """A decoded sample of this rank's shard in place of ``bad`` (the sample at
+        ``position`` of the epoch): candidates drawn from ``(seed, epoch, rank, position)``,
+        augmented with the bad sample's own seed."""
+        s = self.sampler
+        if self._shard[0] != s.epoch:
+            self._shard = (s.epoch, s.shard()[: s.num_samples].tolist())
+        shard = self._shard[1]
+        for attempt in range(REPLACEMENT_TRIES):
+            index = shard[mix_seed(s.seed, s.epoch, s.rank, position, attempt) % len(shard)]
+            sample = self._dataset[(index, bad.seed)] if index != bad.index else bad
+            if not isinstance(sample, BadSample):
+                return sample
+        raise BadImageError(f"{bad.path}: cannot decode image ({bad.error}), nor any of "
+                            f"{REPLACEMENT_TRIES} other images of this rank's shard tried in "
+                            f"its place: are the images under {self.images.image_dir} readable?")
 
     def close(self) -> None:
         self._loader = None
@@ -187,4 +256,4 @@ def build_loader(cfg: DataConfig, split: str, batch_size: int, *, rank: int = 0,
     return TorchvisionLoader(dataset, sampler, workers=cfg.workers, pin_memory=pin,
                              prefetch_factor=cfg.prefetch_factor, device=device,
                              mean=cfg.mean, std=cfg.std, on_bad_image=cfg.on_bad_image,
-                             reason=reason)
+                             reason=reason, replace_bad=train)

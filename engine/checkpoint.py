@@ -1,56 +1,143 @@
-"""Checkpoint files: written atomically, read without executing anything.
+"""Checkpoint files: written atomically with a checksum, read without executing anything.
 
 A checkpoint of ours is a dict of tensors and plain values::
 
     {"format": "switchable-norm/1", "config": {...resolved config...},
-     "model": state_dict, "optimizer": ..., "scheduler": ..., "scaler": ...,
-     "epoch": e, "iter": i, "global_step": s, "best_top1": b, "meters": {...},
-     "rng": [per-rank torch RNG states], "metrics": {...}}
+     "config_fingerprint": hex, "model": state_dict, "optimizer": ..., "scheduler": ...,
+     "scaler": ..., "epoch": e, "iter": i, "global_step": s, "best_top1": b,
+     "best_epoch": k, "meters": [per-rank running sums], "rng": [per-rank torch RNG
+     states], "metrics": {...}, "checksum": "sha256:..."}
 
 ``epoch``/``iter`` say where training continues: epoch ``e`` after its first
-``i`` iterations.
+``i`` iterations.  ``checksum`` is a SHA-256 over every value (tensor bytes,
+dtypes, shapes, keys, plain values) in order; ``load_checkpoint`` recomputes it,
+so a flipped bit anywhere is an error rather than a silently different model.
+Files without one (the authors', older ones) load unchecked.
 """
 from __future__ import annotations
 
+import glob
+import hashlib
 import os
-from typing import Any, Dict
+import re
+from typing import Any, Dict, List
 
 import torch
 
-__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "CheckpointError"]
+__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "CheckpointError", "checksum",
+           "remove_stale_temporaries"]
 
 FORMAT = "switchable-norm/1"
+_TMP = re.compile(r"^\.checkpoint_.*\.tmp(\d+)$")
 
 
 class CheckpointError(ValueError):
-    """A file that is not a checkpoint, or whose tensors do not fit the model."""
+    """A file that is not a checkpoint, is damaged, cannot be written, or whose tensors do
+    not fit the model."""
+
+
+def _digest(obj: Any, h) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    elif isinstance(obj, dict):
+        h.update(b"D%d" % len(obj))
+        for key, value in obj.items():
+            _digest(key, h)
+            _digest(value, h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"L%d" % len(obj))
+        for value in obj:
+            _digest(value, h)
+    else:  # str, int, float, bool, None: repr round-trips them exactly
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def checksum(state: Dict[str, Any]) -> str:
+    """SHA-256 of everything in ``state`` but its own ``checksum`` entry."""
+    h = hashlib.sha256()
+    _digest({k: v for k, v in state.items() if k != "checksum"}, h)
+    return "sha256:" + h.hexdigest()
 
 
 def save_checkpoint(path: str, state: Dict[str, Any]):
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
+    """torch.save (with a checksum) to a temporary file in the same folder, fsync, rename
+    over ``path``. A failed write (e.g. a full disk) is a one-line ``CheckpointError``; the
+    previous file at ``path`` is left as it was."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    state = {**state, "checksum": checksum(state)}
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_folder(folder)
+    except (OSError, RuntimeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else _first_line(e)
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({reason}); the previous "
+                              f"{os.path.basename(path)}, if any, is unchanged") from None
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
 
 
+def _fsync_folder(folder: str):
+    """Make the rename itself durable (the folder's entry)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
-    """``torch.load(weights_only=True)`` with one-line errors naming the file."""
+    """``torch.load(weights_only=True)`` with one-line errors naming the file; the checksum
+    is verified when the file has one."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: checkpoint file not found")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a damaged or foreign file fails in many ways inside the unpickler
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})"
+                              ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not a checkpoint (a {type(obj).__name__}, not a dict)")
+    stored = obj.get("checksum")
+    if isinstance(stored, str) and stored.startswith("sha256:") and checksum(obj) != stored:
+        raise CheckpointError(f"{path}: checksum mismatch: the file is damaged (changed after "
+                              "it was written); use another copy or checkpoint_best.pth")
     return obj
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str) -> List[str]:
+    """Remove ``.checkpoint_*.tmp<PID>`` files left by writers killed mid-write (their PID
+    is gone or is this process's); return their paths."""
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(folder), ".checkpoint_*.tmp*")):
+        match = _TMP.match(os.path.basename(path))
+        if match and (int(match.group(1)) == os.getpid() or not _alive(int(match.group(1)))):
+            try:
+                os.remove(path)
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+    return removed

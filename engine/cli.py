@@ -12,8 +12,9 @@ from .config import ConfigError
 
 __all__ = ["USER_ERRORS", "run_cli"]
 
-#: Errors caused by the input (a file, a key, the data): reported in one line, no traceback.
-USER_ERRORS = (ConfigError, CheckpointError, BadImageError, FileNotFoundError, ValueError)
+#: Errors caused by the input (a file, a key, the data) or the machine (a full disk, a
+#: missing permission: OSError names the file): reported in one line, no traceback.
+USER_ERRORS = (ConfigError, CheckpointError, BadImageError, OSError, ValueError)
 
 
 def run_cli(main: Callable[[], object], extra_errors: tuple = ()) -> int:

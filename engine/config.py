@@ -18,17 +18,20 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import json
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
 from data.config import DataConfig
 
 __all__ = ["Config", "ConfigError", "load_config", "resolve", "to_dict", "from_dict",
-           "strip_derived", "apply_overrides", "format_config", "describe_schema"]
+           "strip_derived", "apply_overrides", "format_config", "describe_schema",
+           "RESUMABLE_KEYS", "config_fingerprint", "config_differences"]
 
 
 class ConfigError(ValueError):
@@ -56,6 +59,9 @@ class ModelConfig:
         "'imagenet' (7x7/2 conv + max-pool) or 'small' (3x3/1 conv, for tiny images)",
         choices=("imagenet", "small")))
     width: int = field(default=64, metadata=_h("channels of the stem and the first stage"))
+    drop_path_rate: float = field(default=0.0, metadata=_h(
+        "stochastic depth of the last residual block, linear from 0 over the blocks "
+        "(timm's drop_path_rate); 0: none, as in the paper"))
 
 
 @dataclass
@@ -133,6 +139,12 @@ class TrainConfig:
         choices=("none", "bf16", "fp16")))
     channels_last: bool = field(default=False, metadata=_h("NHWC memory format on GPUs"))
     compile: bool = field(default=False, metadata=_h("torch.compile the model"))
+    compile_backend: str = field(default="inductor", metadata=_h(
+        "torch.compile backend with train.compile (inductor; aot_eager to check tracing "
+        "without code generation)"))
+    grad_checkpointing: bool = field(default=False, metadata=_h(
+        "recompute each residual block in the backward pass instead of storing its "
+        "activations (less memory, more compute); running statistics still move once"))
     print_freq: int = field(default=50, metadata=_h("iterations between progress lines"))
     max_iters: Optional[int] = field(default=None, metadata=_h(
         "stop after this many iterations in total (smoke tests); null: the whole schedule"))
@@ -144,6 +156,11 @@ class TrainConfig:
     ssn_radius_epochs: Optional[float] = field(default=None, metadata=_h(
         "SSN: the sparsestmax radius grows linearly from 0 to 1 over this many epochs "
         "(null: the whole training)"))
+    resume: str = field(default="auto", metadata=_h(
+        "output_dir holding checkpoint_last.pth: 'auto' resumes it when the config is the "
+        "same except the keys of engine.config.RESUMABLE_KEYS (e.g. train.epochs to extend "
+        "the run) and refuses otherwise; 'force' continues it with this config anyway (the "
+        "old config.yaml is kept as config.before_step<N>.yaml)", choices=("auto", "force")))
 
 
 @dataclass
@@ -151,7 +168,8 @@ class CheckpointConfig:
     every_iters: int = field(default=0, metadata=_h(
         "also write checkpoint_last.pth every this many iterations (0: only at epoch ends)"))
     resume: bool = field(default=True, metadata=_h(
-        "resume from output_dir/checkpoint_last.pth when it exists"))
+        "kept for old configs (see train.resume): true resumes as train.resume says; false "
+        "refuses to start in an output_dir that already holds a checkpoint"))
     init: Optional[str] = field(default=None, metadata=_h(
         "initialise the weights from this checkpoint (finetuning), before training"))
 
@@ -175,6 +193,24 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     output_dir: Optional[str] = field(default=None, metadata=_h(
         "where the run writes; null: runs/<config file name>"))
+
+
+#: The keys that may differ between a run's checkpoint and the config that resumes it (the
+#: one list; README "Training" quotes it). They say how long to train, where the data are and
+#: how the run is executed and logged, never what is trained. Derived values (world size,
+#: virtual GPUs per process, per-process batch, lr) follow from the others and are not
+#: compared either, so a run may resume on another number of processes.
+RESUMABLE_KEYS = (
+    "output_dir",                                     # the folder may be moved
+    "train.epochs", "train.max_iters",                # extend (or end) the run
+    "train.print_freq", "train.eval_every", "train.compile", "train.compile_backend",
+    "train.resume",
+    "train.grad_checkpointing",                       # same gradients and buffers
+    "data.root", "data.workers", "data.prefetch_factor", "data.pin_memory",
+    "data.dali_verify", "data.on_bad_image",
+    "checkpoint.every_iters", "checkpoint.init", "checkpoint.resume",
+    "log.tensorboard", "log.ratio_figures",
+)
 
 
 # -- reading files ----------------------------------------------------------------------------
@@ -335,7 +371,18 @@ def from_dict(data: dict) -> Config:
         cfg.data.validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    _check_statistics(cfg)
     return cfg
+
+
+def _check_statistics(cfg: Config):
+    """SN without moving averages (paper Sec. 4.1.3) is evaluated with batch averages only."""
+    if not cfg.model.norm_kwargs.get("using_moving_average", True) and \
+            cfg.train.batch_average_samples <= 0:
+        raise ConfigError(
+            "model.norm_kwargs.using_moving_average is false, so the running statistics never "
+            "change and validation would use their initial values: set "
+            "train.batch_average_samples > 0 (paper Sec. 4.1.3: 50000)")
 
 
 def to_dict(cfg) -> dict:
@@ -353,6 +400,34 @@ def strip_derived(data: dict) -> dict:
                 if sub.metadata.get("derived"):
                     out[f.name].pop(sub.name, None)
     return out
+
+
+def _comparable(data: dict) -> Dict[str, Any]:
+    """``section.key -> value`` of a config dict, without derived and resumable keys."""
+    flat: Dict[str, Any] = {}
+    for name, value in strip_derived(data).items():
+        if isinstance(value, dict) and name in _fields(Config):
+            flat.update((f"{name}.{key}", v) for key, v in value.items())
+        else:
+            flat[name] = value
+    return {k: v for k, v in flat.items() if k not in RESUMABLE_KEYS}
+
+
+def config_fingerprint(cfg) -> str:
+    """A hash of what a run trains: the config without derived and ``RESUMABLE_KEYS``."""
+    data = to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    text = json.dumps(_comparable(data), sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def config_differences(stored: dict, cfg: Config) -> List[Tuple[str, Any, Any]]:
+    """``(key, stored value, cfg's value)`` for every key that may not change on resume.
+    A key the schema gained since ``stored`` was written counts with its default; a key it
+    lost is ignored."""
+    old, new = _comparable(stored), _comparable(to_dict(cfg))
+    defaults = _comparable(to_dict(Config()))
+    return [(key, old.get(key, defaults.get(key)), value) for key, value in sorted(new.items())
+            if old.get(key, defaults.get(key)) != value]
 
 
 def load_config(path: Optional[str], overrides: Optional[List[str]] = None) -> Config:

@@ -4,15 +4,15 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 __all__ = ["DistInfo", "init_distributed", "is_main", "all_reduce_sum", "all_reduce_max",
-           "average_running_stats",
-           "gather_rng_states", "broadcast_flag", "cleanup"]
+           "all_gather_floats", "average_running_stats", "gather_rng_states", "broadcast_flag",
+           "thread_oversubscription", "cleanup"]
 
 
 @dataclass
@@ -65,6 +65,17 @@ def all_reduce_sum(values: List[float], device: torch.device) -> List[float]:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.tolist()
+
+
+@torch.no_grad()
+def all_gather_floats(values: List[float], device: torch.device) -> List[List[float]]:
+    """Every rank's ``values`` (the same length on all ranks), in rank order."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [t.tolist()]
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [o.tolist() for o in out]
 
 
 @torch.no_grad()
@@ -129,6 +140,21 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t)
     return bool(t.item() > 0)
+
+
+def thread_oversubscription(threads: Optional[int] = None, local_world_size: Optional[int] = None,
+                            cores: Optional[int] = None) -> Optional[str]:
+    """A warning when the processes of this machine run more compute threads than it has
+    cores (e.g. OMP_NUM_THREADS exported to every torchrun process); None otherwise."""
+    threads = threads or torch.get_num_threads()
+    local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux: the cores this process may use
+    cores = cores or (len(affinity(0)) if affinity else os.cpu_count() or 1)
+    if threads * local <= cores:
+        return None
+    return (f"warning: {local} process(es) x {threads} torch threads = {threads * local} threads "
+            f"on {cores} cores: oversubscribed cores slow training down several times; set "
+            f"OMP_NUM_THREADS={max(1, cores // local)} (cores / processes per machine)")
 
 
 def cleanup():

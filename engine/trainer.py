@@ -6,9 +6,14 @@ holds ``batch.virtual_gpus`` of the paper's GPUs (ghost batches of
 ``batch.per_gpu`` samples in every batch-statistics normalizer).
 
 Outputs in ``output_dir``: config.yaml, metrics.jsonl (one object per epoch),
-checkpoint_last.pth / checkpoint_best.pth (atomic), TensorBoard events in
-tb/. Restarting with the same output_dir resumes from checkpoint_last.pth,
-mid-epoch included (sampler position, RNG states, running meters).
+checkpoint_last.pth / checkpoint_best.pth (atomic, checksummed), TensorBoard
+events in tb/. Restarting with the same output_dir resumes from
+checkpoint_last.pth when the config is the same (engine.runfolder), mid-epoch
+included (sampler position, every rank's RNG state and running meters).
+
+SIGTERM (to the trainer, or to its whole process group as torchrun, SLURM and
+job control send it; the DataLoader workers ignore it) is noted and acted on at
+the next iteration: every rank saves that iteration and the run exits 0.
 """
 from __future__ import annotations
 
@@ -16,9 +21,11 @@ import json
 import math
 import os
 import signal
+import sys
 import time
+import warnings
 from contextlib import nullcontext
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -29,11 +36,14 @@ import normalization
 from data import build_loader, ensure_demo_dataset
 from models import build_model
 
-from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
-from .config import Config, format_config, to_dict
-from .distributed import (DistInfo, all_reduce_max, all_reduce_sum, average_running_stats,
-                          broadcast_flag, gather_rng_states, set_rng_state)
+from .checkpoint import (FORMAT, CheckpointError, load_checkpoint, remove_stale_temporaries,
+                         save_checkpoint)
+from .config import Config, config_fingerprint, format_config, to_dict
+from .distributed import (DistInfo, all_gather_floats, all_reduce_max, all_reduce_sum,
+                          average_running_stats, broadcast_flag, gather_rng_states, set_rng_state,
+                          thread_oversubscription)
 from .optim import build_optimizer, build_scheduler, clip_gradients
+from .runfolder import RunFolder, inspect_run_folder
 
 __all__ = ["Trainer", "evaluate", "model_from_config", "NonFiniteLossError", "set_determinism"]
 
@@ -64,7 +74,7 @@ def model_from_config(cfg: Config) -> nn.Module:
         kwargs.setdefault("ghost_batch_size", ghost)
     return build_model(m.name, m.num_classes, m.norm, kwargs, zero_init_last=m.zero_init_last,
                        dropout=m.dropout, stem=m.stem, width=m.width,
-                       input_size=cfg.data.image_size)
+                       input_size=cfg.data.image_size, drop_path_rate=m.drop_path_rate)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -104,15 +114,15 @@ def _autocast(device: torch.device, amp: str):
 
 
 class _Meters:
-    """Sums of the epoch so far (kept on the device: no synchronisation per step)."""
+    """This rank's sums of the epoch so far (on the device: no synchronisation per step)."""
 
-    def __init__(self, device, state: Optional[dict] = None):
+    def __init__(self, device, state: Optional[List[float]] = None):
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top1, samples
         self.seconds = 0.0
         self.bad = 0
         if state:
-            self.sums.copy_(torch.tensor(state["sums"], dtype=torch.float64))
-            self.seconds, self.bad = state["seconds"], state["bad"]
+            self.sums.copy_(torch.tensor(state[:3], dtype=torch.float64))
+            self.seconds, self.bad = state[3], int(state[4])
 
     def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor):
         n = targets.numel()
@@ -121,23 +131,46 @@ class _Meters:
                                   torch.tensor(float(n), device=self.sums.device,
                                                dtype=torch.float64)])
 
-    def state(self) -> dict:
-        return {"sums": self.sums.tolist(), "seconds": self.seconds, "bad": self.bad}
+    def gather(self) -> List[List[float]]:
+        """Every rank's ``[loss, top1, samples, seconds, bad]`` (a collective)."""
+        return all_gather_floats(self.sums.tolist() + [self.seconds, float(self.bad)],
+                                 self.sums.device)
+
+    @staticmethod
+    def own(stored, rank: int, world_size: int) -> Optional[List[float]]:
+        """This rank's share of the meters stored in a checkpoint. Another world size (or a
+        checkpoint that kept rank 0's only): rank 0 takes the sums, the others none."""
+        if not stored:
+            return None
+        if isinstance(stored, dict):  # written before meters were kept per rank
+            stored = [stored["sums"] + [stored["seconds"], stored["bad"]]]
+        if len(stored) == world_size:
+            return list(stored[rank])
+        total = [sum(column) for column in zip(*stored)]
+        total[3] = max(r[3] for r in stored)
+        return total if rank == 0 else [0.0, 0.0, 0.0, total[3], 0.0]
 
 
 class Trainer:
-    def __init__(self, cfg: Config, info: DistInfo):
+    """``folder``: what ``output_dir`` holds (``inspect_run_folder(cfg)`` when None); a
+    complete run is for the caller to report (train.py), not to build a trainer for."""
+
+    def __init__(self, cfg: Config, info: DistInfo, folder: Optional[RunFolder] = None):
         self.cfg, self.info = cfg, info
         self.device = info.device
         self.out = cfg.output_dir
+        folder = folder or inspect_run_folder(cfg)
+        if folder.complete:
+            raise ValueError(folder.complete)
         set_determinism(cfg.train.seed, cfg.train.deterministic)
         self._build_data()
         self._build_model()
-        self.epoch, self.iter, self.global_step, self.best_top1 = 0, 0, 0, 0.0
-        self.meters_state: Optional[dict] = None
+        self.epoch, self.iter, self.global_step = 0, 0, 0
+        self.best_top1, self.best_epoch = 0.0, 0
+        self.meters_state: Optional[List[float]] = None
         self.stop_requested = False
         self.history: list = []
-        self._resume_or_init()
+        self._resume_or_init(folder)
         self.writer = self._tensorboard()
 
     # -- construction --------------------------------------------------------------------------
@@ -161,21 +194,25 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
         model = model_from_config(cfg).to(self.device)
+        model.set_grad_checkpointing(cfg.train.grad_checkpointing)
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.optimizer = build_optimizer(cfg, model)
+        normalization.hold_frozen_ratios(model, self.optimizer)  # SSN: frozen ratios stay
         self.scheduler = build_scheduler(cfg, self.optimizer, len(self.train_loader))
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16"
                                            and self.device.type == "cuda")
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
         net = model
         if self.info.distributed:
-            net = DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)  # each process keeps its own GPUs' statistics
+            with warnings.catch_warnings():  # torch 2.14 deprecates the name, keeps the meaning
+                warnings.filterwarnings("ignore", ".*broadcast_buffers.*deprecated", FutureWarning)
+                net = DistributedDataParallel(
+                    model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                    broadcast_buffers=False)  # each process keeps its own GPUs' statistics
         if cfg.train.compile:
-            net = torch.compile(net)
+            net = torch.compile(net, backend=cfg.train.compile_backend)
         self.net = net
         self.has_ssn = any(isinstance(m, normalization.SparseSwitchNorm2d)
                            for m in model.modules())
@@ -188,32 +225,71 @@ class Trainer:
     def best_path(self) -> str:
         return os.path.join(self.out, "checkpoint_best.pth")
 
-    def _resume_or_init(self):
+    def _resume_or_init(self, folder: RunFolder):
         cfg = self.cfg
-        if cfg.checkpoint.resume and os.path.isfile(self.last_path):
-            self._load(load_checkpoint(self.last_path, map_location=self.device))
-            self.log(f"resumed from {self.last_path}: epoch {self.epoch}, "
+        if folder.state is not None:
+            self._load(folder.state, folder.path, forced=bool(folder.forced))
+            folder.state = None  # the tensors now live in the model and optimizer
+            self.log(f"resumed from {folder.path}: epoch {self.epoch}, "
                      f"iteration {self.iter}/{len(self.train_loader)}")
         elif cfg.checkpoint.init:
+            from models.checkpoint import load_weights
             state = load_checkpoint(cfg.checkpoint.init)
-            self.model.load_state_dict(state.get("model", state))
+            load_weights(self.model, state.get("model", state), cfg.checkpoint.init)
             self.log(f"initialised the weights from {cfg.checkpoint.init}")
         if self.info.main:
             os.makedirs(self.out, exist_ok=True)
+            for path in remove_stale_temporaries(self.out):
+                self.log(f"removed {path}, left by a checkpoint write that was killed")
+            if folder.forced:
+                self._keep_old_config(folder)
             with open(os.path.join(self.out, "config.yaml"), "w") as f:
                 f.write(format_config(cfg))
             self._trim_metrics()
 
-    def _load(self, state: dict):
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+    def _keep_old_config(self, folder: RunFolder):
+        """train.resume=force: config.yaml still describes the steps so far; keep it."""
+        old = os.path.join(self.out, "config.yaml")
+        kept = os.path.join(self.out, f"config.before_step{self.global_step}.yaml")
+        if os.path.isfile(old):
+            os.replace(old, kept)
+        keys = ", ".join(key for key, _, _ in folder.forced)
+        self.log(f"train.resume=force: continuing with changed {keys}; the config of the "
+                 f"first {self.global_step} iterations is {kept}")
+
+    def _load(self, state: dict, path: str, forced: bool = False):
+        from models.checkpoint import load_weights
+        load_weights(self.model, state["model"], path)  # one line naming the keys that differ
+        fresh = [{k: v for k, v in g.items() if k != "params"}
+                 for g in self.optimizer.param_groups]
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: the optimizer state does not fit this model's "
+                                  f"parameter groups ({str(e).strip().splitlines()[0]})") from None
+        if forced:  # this config's hyperparameters, the checkpoint's momentum buffers
+            for group, new in zip(self.optimizer.param_groups, fresh):
+                group.update(new)
+            self.scheduler.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
+        self._apply_schedule()
         self.epoch, self.iter = state["epoch"], state["iter"]
         self.global_step, self.best_top1 = state["global_step"], state["best_top1"]
-        self.meters_state = state.get("meters")
+        self.best_epoch = state.get("best_epoch", 0)
+        self.meters_state = _Meters.own(state.get("meters"), self.info.rank,
+                                        self.info.world_size)
         set_rng_state(state.get("rng", []), self.info.rank, self.device)
+
+    def _apply_schedule(self):
+        """The learning rate of the restored step under this config's schedule (it may
+        differ from the stored one: train.epochs extended, or train.resume=force)."""
+        sched = self.scheduler
+        lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = lrs
 
     def _trim_metrics(self):
         """Keep the metrics of the epochs finished before the resumed one."""
@@ -243,13 +319,16 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _state(self, meters: Optional[_Meters]) -> dict:
+        """The checkpoint dict (collectives inside: every rank calls it)."""
         return {"format": FORMAT, "config": to_dict(self.cfg),
+                "config_fingerprint": config_fingerprint(self.cfg),
                 "model": _unwrap(self.net).state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "epoch": self.epoch, "iter": self.iter, "global_step": self.global_step,
-                "best_top1": self.best_top1, "meters": meters.state() if meters else None,
+                "best_top1": self.best_top1, "best_epoch": self.best_epoch,
+                "meters": meters.gather() if meters else None,
                 "rng": gather_rng_states(self.device),
                 "metrics": self.history[-1] if self.history else {}}
 
@@ -267,6 +346,9 @@ class Trainer:
         cfg = self.cfg
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
+            warning = thread_oversubscription()
+            if warning and self.info.main:
+                print(warning, file=sys.stderr, flush=True)
             self.log(f"training {cfg.model.name} with {cfg.model.norm} at (gpus, per_gpu) = "
                      f"({cfg.batch.gpus}, {cfg.batch.per_gpu}) on {self.info.world_size} "
                      f"process(es) x {cfg.batch.virtual_gpus} virtual GPU(s), lr {cfg.optim.lr:g}"
@@ -319,6 +401,7 @@ class Trainer:
             if cfg.train.max_iters is not None and self.global_step >= cfg.train.max_iters:
                 break
             tick = time.perf_counter()
+        meters.bad = bad_before + loader.bad_images
         self._end_epoch(meters)
         return not (cfg.train.max_iters is not None and self.global_step >= cfg.train.max_iters)
 
@@ -401,7 +484,8 @@ class Trainer:
             metrics.update(self.validate())
         self.epoch, self.iter = self.epoch + 1, 0
         best = metrics.get("val_top1", -1.0) > self.best_top1
-        self.best_top1 = max(self.best_top1, metrics.get("val_top1", 0.0))
+        if best:
+            self.best_top1, self.best_epoch = metrics["val_top1"], self.epoch
         self.history.append(metrics)
         self._log_epoch(metrics)
         self.save(best=best)

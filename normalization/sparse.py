@@ -19,8 +19,6 @@ is undefined and the point is left where sparsemax puts it.
 """
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 import torch.fx
 import torch.nn.functional as F

@@ -105,7 +105,7 @@ def finetune_config(cfg: Config, init: str, epoch: float, epochs: Optional[int] 
         data[section].update(values)
     if base_lr is not None:
         data["optim"]["base_lr"] = float(base_lr)
-    data["checkpoint"].update(init=os.path.abspath(init), resume=True)
+    data["checkpoint"].update(init=os.path.abspath(init))
     data["output_dir"] = output_dir or f"{cfg.output_dir or 'runs/finetune'}_hard_e{epoch:g}"
     return data, int(round(left))
 

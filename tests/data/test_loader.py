@@ -1,5 +1,7 @@
 """build_loader with the torchvision backend: determinism, resume, sharding, bad images."""
 import dataclasses
+import os
+import signal
 
 import pytest
 import torch
@@ -94,14 +96,67 @@ def _with_bad_file(tmp_path):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_bad_image_skipped_and_counted(tmp_path, workers):
+def test_bad_image_replaced_in_training_and_left_out_in_validation(tmp_path, workers):
     root, bad = _with_bad_file(tmp_path)
+    write_image(root / "val" / "n01" / "n01_bad.JPEG", 2, "truncated")
     loader = build_loader(_cfg(root, workers=workers), "train", 13, drop_last=False)
-    with pytest.warns(UserWarning, match="n02_bad.JPEG"):
+    with pytest.warns(UserWarning, match="n02_bad.JPEG.*replaced"):
         batches = _epoch(loader, 0)
-    assert loader.bad_images == 1 and sum(len(y) for _, y in batches) == 12
+    assert loader.bad_images == 1 and [len(y) for _, y in batches] == [13]  # batch stays whole
+    with pytest.warns(UserWarning, match="n02_bad.JPEG"):
+        assert _same(batches, _epoch(build_loader(_cfg(root), "train", 13, drop_last=False), 0))
     loader.set_epoch(1)
     assert loader.bad_images == 0
+    val = build_loader(_cfg(root, workers=workers), "val", 4)
+    with pytest.warns(UserWarning, match="n01_bad.JPEG.*left out"):
+        assert sum(len(y) for _, y in _epoch(val, 0)) == val.dataset_size - 1
+    assert val.bad_images == 1
+
+
+def _corrupt(loader, indices):
+    for i in indices:
+        with open(loader.images.path(i), "wb") as f:
+            f.write(b"\xff\xd8\xff\xe0 not a JPEG")
+
+
+@pytest.mark.filterwarnings("ignore:unreadable image")
+def test_every_rank_keeps_its_batches_and_counts_every_bad_image(tmp_path):
+    """A shard whose first and last batches are all unreadable: same iterations, whole
+    batches, every bad file counted, and a resumed epoch sees the same batches."""
+    root = make_folder_dataset(tmp_path / "ds", 8, 1)
+    loaders = [build_loader(_cfg(root), "train", 3, rank=r, world_size=2, seed=5)
+               for r in range(2)]
+    loaders[1].set_epoch(0)
+    batches = loaders[1].sampler.batches()
+    _corrupt(loaders[1], batches[0] + batches[-1])
+    epochs = [_epoch(loader, 0) for loader in loaders]
+    assert [len(e) for e in epochs] == [4, 4]
+    assert all(len(y) == 3 for e in epochs for _, y in e)
+    assert [loader.bad_images for loader in loaders] == [0, 6]
+    assert _same(_epoch(loaders[1], 0, start_iter=3), epochs[1][3:])
+
+
+@pytest.mark.filterwarnings("ignore:unreadable image")
+def test_no_readable_image_is_an_error(tmp_path):
+    root = make_folder_dataset(tmp_path / "ds", 4, 1)
+    loader = build_loader(_cfg(root), "train", 4)
+    _corrupt(loader, range(loader.dataset_size))
+    with pytest.raises(BadImageError, match="nor any of 16 other"):
+        _epoch(loader, 0)
+
+
+def test_workers_ignore_sigterm(folder_root):
+    """torchrun and SLURM signal the whole process group: the workers live on and the
+    main process decides."""
+    loader = build_loader(_cfg(folder_root, workers=2), "train", 3)
+    loader.set_epoch(0)
+    batches = iter(loader)
+    next(batches)
+    workers = loader._loader._iterator._workers
+    for w in workers:
+        os.kill(w.pid, signal.SIGTERM)
+    assert len(list(batches)) == len(loader) - 1
+    assert all(w.is_alive() for w in workers)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

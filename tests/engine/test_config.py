@@ -124,3 +124,37 @@ def test_roundtrip_through_dict():
     cfg = resolve(load_config(None, ["data.dataset=demo", "model.norm=ssn"]), 2)
     again = from_dict(to_dict(cfg))
     assert to_dict(again) == to_dict(cfg)
+
+
+def test_no_moving_average_needs_batch_average():
+    """SN with using_moving_average false never updates its running statistics: without
+    batch-average statistics (paper Sec. 4.1.3) validation would use their initial values."""
+    off = ["data.dataset=demo", "model.norm_kwargs={using_moving_average: false}"]
+    with pytest.raises(ConfigError) as e:
+        load_config(None, off)
+    assert "model.norm_kwargs.using_moving_average" in str(e.value)
+    assert "train.batch_average_samples" in str(e.value) and "\n" not in str(e.value)
+    load_config(None, off + ["train.batch_average_samples=50000"])
+
+
+def test_fingerprint_ignores_resumable_and_derived_keys():
+    from engine.config import config_differences, config_fingerprint
+    base = resolve(load_config(None, ["data.dataset=demo"]), 1)
+    same = resolve(load_config(None, ["data.dataset=demo", "train.epochs=200", "data.workers=0",
+                                      "output_dir=elsewhere", "batch.gpus=4"]), 2)
+    assert config_fingerprint(base) != config_fingerprint(same)  # batch.gpus differs
+    assert [d[0] for d in config_differences(to_dict(base), same)] == ["batch.gpus"]
+    moved = resolve(load_config(None, ["data.dataset=demo", "train.epochs=200",
+                                       "data.root=/elsewhere", "output_dir=x"]), 4)
+    assert config_fingerprint(base) == config_fingerprint(moved)
+    old = to_dict(base)
+    del old["train"]["resume"]  # written before the schema had the key: its default counts
+    assert config_differences(old, moved) == []
+
+
+def test_readme_lists_the_resumable_keys():
+    from engine.config import RESUMABLE_KEYS
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    training = readme[readme.index("## Training"):readme.index("### Batch settings")]
+    for key in RESUMABLE_KEYS:
+        assert f"`{key}`" in training or f"`{key.split('.')[0]}.*`" in training, key

@@ -1,14 +1,17 @@
 """train.py / evaluate.py end to end on a tiny generated dataset: real processes, real files.
 
 Covers the outputs of a run, torchrun with 2 gloo processes, kill -9 and resume
-equality, SIGTERM, the non-finite-loss stop, and evaluation under 2 processes.
+equality, SIGTERM to the trainer and to a whole process group, the non-finite-loss
+stop, evaluation under 2 processes, the run-folder rules on the command line, and
+unreadable images under 2 ranks.
 """
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -146,9 +149,15 @@ def test_non_finite_loss_stops_naming_the_iteration(tiny, tmp_path):
         assert _weights(out)["global_step"] < bad  # the last good one is kept
 
 
-def test_torchrun_two_processes_and_evaluate(tiny, reference_run, tmp_path):
-    out = str(tmp_path / "run")
-    proc = _train(tiny, out, "train.epochs=1", nproc=2)
+@pytest.fixture(scope="module")
+def two_process_run(tiny, tmp_path_factory):
+    """One epoch of the tiny config under torchrun with 2 gloo processes."""
+    out = str(tmp_path_factory.mktemp("two") / "run")
+    return out, _train(tiny, out, "train.epochs=1", nproc=2)
+
+
+def test_torchrun_two_processes_and_evaluate(two_process_run, tmp_path):
+    out, proc = two_process_run
     assert "on 2 process(es) x 1 virtual GPU(s)" in proc.stdout
     rows = _metrics(out)
     assert rows[-1]["val_count"] == 24
@@ -203,3 +212,134 @@ def test_demo_config_with_dali_on_the_cpu(tiny, tmp_path):
                   "data.workers=1")
     assert "DALI" in proc.stdout
     assert _metrics(tmp_path / "run")[-1]["val_count"] == 24
+
+
+def _files(folder):
+    """Every file under ``folder`` with its modification time and bytes."""
+    return {os.path.relpath(os.path.join(d, name), folder):
+            (os.path.getmtime(os.path.join(d, name)), open(os.path.join(d, name), "rb").read())
+            for d, _, names in os.walk(folder) for name in names}
+
+
+def test_run_folder_complete_or_refused_touches_nothing(tiny, reference_run, tmp_path):
+    """The same command on a finished run says so and exits 0; another config is refused
+    in one line naming the keys; neither changes a file of the run folder."""
+    out = str(shutil.copytree(reference_run[0], tmp_path / "run"))
+    before = _files(out)
+    done = _train(tiny, out)
+    best = max(_metrics(out), key=lambda r: r["val_top1"])
+    assert done.stdout.startswith(f"run already complete: best top-1 {best['val_top1']:.2f}% "
+                                  f"at epoch {best['epoch'] + 1} ")
+    refused = _train(tiny, out, "train.epochs=1", "model.norm=gn", check=False)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert "model.norm 'sn' -> 'gn'" in refused.stderr and "train.epochs" not in refused.stderr
+    assert "output_dir=" in refused.stderr and "train.resume=force" in refused.stderr
+    assert _files(out) == before
+
+
+def _group(cmd, timeout, stop_at=None, **env):
+    """Run ``cmd`` as its own process group; SIGTERM the whole group when a stdout line
+    starts with ``stop_at``. A run still going after ``timeout`` s is killed (group) and
+    fails the test."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        if stop_at is not None:
+            for line in proc.stdout:
+                if line.startswith(stop_at):
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    break
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"{' '.join(cmd[:6])} ... still running after {timeout} s")
+    return proc.returncode, out, err
+
+
+def _torchrun(config, out, *overrides):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+            f"--master_port={free_port()}", "train.py", "--config", config,
+            f"output_dir={out}", *overrides]
+
+
+def test_unreadable_images_keep_two_ranks_in_step(tiny, tmp_path):
+    """Rank 1's first and last batches unreadable, one image of rank 0 and one validation
+    image too: both ranks run every iteration with whole batches (the bad images replaced
+    from their own shards) and finish; every bad file is counted. (Before: rank 1 ran two
+    iterations less and the collectives hung until the process-group timeout.)"""
+    from data.datasets import scan_folder
+    from data.sampler import ShardedBatchSampler
+    root = shutil.copytree(yaml.safe_load(open(tiny))["data"]["root"], tmp_path / "data")
+    train = scan_folder(root / "train")
+    shards = [ShardedBatchSampler(len(train), 8, rank=r, world_size=2, seed=0).batches()
+              for r in range(2)]
+    bad = [train.path(i) for i in shards[1][0] + shards[1][-1] + shards[0][2][3:4]]
+    bad.append(scan_folder(root / "val", train.classes).path(3))
+    for path in bad:
+        open(path, "wb").write(b"\xff\xd8\xff\xe0 truncated")
+    rc, out, err = _group(_torchrun(tiny, tmp_path / "run", f"data.root={root}",
+                                    "train.epochs=1"), timeout=150)
+    assert rc == 0, out + err
+    # 2 processes x 1 thread (OMP_NUM_THREADS=1): a warning only on a 1-core machine
+    assert ("torch threads =" in err) == (len(os.sched_getaffinity(0)) < 2)
+    assert "epoch 1/1 iter 6/6" in out and "replaced by another image" in err
+    row = _metrics(tmp_path / "run")[0]
+    assert (row["train_bad_images"], row["bad_images"], row["val_count"]) == (17, 1, 23)
+
+
+def _two_ranks(config, out, *overrides):
+    """train.py as ranks 0 and 1 of one process group, with the environment torchrun gives
+    them (env:// rendezvous on loopback)."""
+    port, procs = free_port(), []
+    for rank in range(2):
+        env = {**_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        group = procs[0].pid if procs else 0  # rank 0 leads a new group, rank 1 joins it
+        procs.append(subprocess.Popen(
+            [sys.executable, "train.py", "--config", config, f"output_dir={out}", *overrides],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: os.setpgid(0, group)))
+    return procs
+
+
+def test_sigterm_to_the_process_group_saves_every_rank(tiny, two_process_run, tmp_path):
+    """torchrun, SLURM and ``kill -TERM -- -PGID`` signal every process of the group,
+    DataLoader workers included: the workers ignore it, both ranks save the current
+    iteration and exit 0, and the resumed epoch (under torchrun) ends with each rank's own
+    running sums: the metrics of the uninterrupted run."""
+    out = tmp_path / "run"
+    ranks = _two_ranks(tiny, out, "train.epochs=1", "data.workers=1")
+    try:
+        for line in ranks[0].stdout:
+            if line.startswith("epoch 1/1 iter 3/6"):
+                os.killpg(ranks[0].pid, signal.SIGTERM)
+                break
+        results = [p.communicate(timeout=90) for p in ranks]
+    finally:
+        if any(p.poll() is None for p in ranks):
+            os.killpg(ranks[0].pid, signal.SIGKILL)
+    assert [p.returncode for p in ranks] == [0, 0], results
+    assert "SIGTERM: saved" in results[0][0]
+    state = _weights(out)
+    assert state["epoch"] == 0 and 3 <= state["iter"] < 6 and len(state["meters"]) == 2
+    rc, stdout, err = _group(_torchrun(tiny, out, "train.epochs=1", "data.workers=1"),
+                             timeout=90)  # the same run resumes
+    assert rc == 0 and "resumed from" in stdout, stdout + err
+    keys = ("train_loss", "train_top1", "train_bad_images", "val_top1", "val_count")
+    assert [{k: r[k] for k in keys} for r in _metrics(out)] == \
+        [{k: r[k] for k in keys} for r in _metrics(two_process_run[0])]
+
+
+def test_demo_config_compiled(tiny, tmp_path):
+    """train.compile=true: the README's demo config (SN with ghost batches) trains a few
+    iterations through torch.compile and validates: the whole model traced by dynamo
+    and AOT autograd (aot_eager: inductor's code generation for every normalizer is
+    tested layer by layer in tests/normalization/test_compile.py, at a fraction of
+    the time a whole ResNet takes to generate)."""
+    _train("configs/demo/resnet_sn.yaml", str(tmp_path / "run"),
+           f"data.root={yaml.safe_load(open(tiny))['data']['root']}",
+           "data.demo_size=40", "model.num_classes=4", "train.compile=true",
+           "train.compile_backend=aot_eager", "train.max_iters=3", "data.workers=0")
+    rows = _metrics(tmp_path / "run")
+    assert math.isfinite(rows[-1]["train_loss"]) and rows[-1]["val_count"] == 24

@@ -386,15 +386,6 @@ class _LeafTracer(torch.fx.Tracer):
         return isinstance(m, FX_LEAF_MODULES) or super().is_leaf_module(m, qualname)
 
 
-def _norms_traceable():
-    for norm in ("bn", "gn", "sn", "ssn"):
-        try:
-            torch.fx.symbolic_trace(normalization.build_norm(norm, 8))
-        except Exception:
-            return False
-    return True
-
-
 def test_norm_layers_are_registered_fx_leaves():
     for norm in normalization.list_norms():
         cls = type(normalization.build_norm(norm, 8))
@@ -447,20 +438,18 @@ def test_fx_trace_with_norm_leaves_equals_eager(name):
 @pytest.mark.parametrize("name,norm", [("resnet50_v1", "sn"), ("resnet18_v2", "ssn"),
                                        ("resnet50_v2", "none")])
 def test_fx_symbolic_trace_without_leaves(name, norm):
-    """A plain torch.fx.symbolic_trace. With norm='none' this checks our model code alone;
-    the other cases depend on the norm layers being fx-traceable (normalization/)."""
-    if norm != "none" and not _norms_traceable():
-        pytest.xfail("normalization layers are not torch.fx-traceable yet")
+    """A plain torch.fx.symbolic_trace through the model and its norm layers."""
     model = create(name, norm=norm, num_classes=5, drop_path_rate=0.1)
     _assert_same_as_eager(torch.fx.symbolic_trace, model)
 
 
+@pytest.mark.parametrize("leaves", [True, False], ids=["norm-leaves", "traced-norms"])
 @pytest.mark.parametrize("name", FEW)
-def test_torchvision_feature_extractor(name):
+def test_torchvision_feature_extractor(name, leaves):
     model = create(name).eval()
     nodes = {m: f"f{i}" for i, m in enumerate(MODULES)}
-    extractor = create_feature_extractor(model, nodes,
-                                         tracer_kwargs={"leaf_modules": list(FX_LEAF_MODULES)})
+    kwargs = {"tracer_kwargs": {"leaf_modules": list(FX_LEAF_MODULES)}} if leaves else {}
+    extractor = create_feature_extractor(model, nodes, **kwargs)
     reference, _ = stage_outputs(model, image())
     with torch.no_grad():
         out = extractor(image())
