@@ -15,21 +15,20 @@ The paper's Eq. (1)-(5) in the shape that is fast on real hardware:
 Everything between the statistics and the apply is plain differentiable
 PyTorch on (N, C) tensors, in float32 (float64 for float64 inputs) whatever
 the autocast state: autograd derives Appendix A's gradients, ``torch.compile``
-and ``torch.fx`` see ordinary ops. The passes over the input run one of three
-ways (``current_path``):
+and ``torch.fx`` see ordinary ops. ``switch_norm`` runs one of three ways
+(``current_path``):
 
-* ``eager``: the custom operators of ``ops.py`` (native or Triton kernels).
-  x's gradient is assembled in two passes: ``sn::scale_shift``'s backward
-  reads (g, x) once for its sums and writes ``g * scale``, and the
-  statistics' backward adds ``(x - mu) * a + b`` in place (``_StatsThrough``
-  hands x through the statistics node, so both shares of x's gradient meet
-  there instead of being materialised separately and summed);
-* ``plain`` (under ``torch.compile``, the default): the same formulas in plain
-  ops (``var_mean``, a multiply-add), which inductor fuses with their
-  neighbours;
+* ``plain`` (under ``torch.compile``, the default): the passes over the input
+  as plain ops too (``var_mean``, a multiply-add), which inductor fuses with
+  their neighbours;
 * ``ops`` (under ``torch.fx`` symbolic tracing, or under ``torch.compile``
-  with ``SN_COMPILE=ops``): the custom operators with their registered
-  autograd formulas, opaque nodes in the graph.
+  with ``SN_COMPILE=ops``): the passes as the custom operators of ``ops.py``
+  with their registered autograd formulas, opaque nodes in the graph;
+* ``eager``: the same computation as ONE autograd node per layer
+  (``eager.FastSwitchNorm``: the operators' implementations, the (N, C)
+  backward written out, double backward by recomputation through this
+  module), because recording the small ops one by one costs more than the
+  layer itself at small batches (figures in ``eager.py``).
 """
 from __future__ import annotations
 
@@ -124,54 +123,6 @@ def _bcast(t: Tensor, x: Tensor) -> Tensor:
 
 
 # -- the passes over the input --------------------------------------------------------------
-class _StatsThrough(torch.autograd.Function):
-    """``x -> (mu_in, var_in, x)``: the IN statistics, and x handed through.
-
-    The apply consumes the handed-through x, so its share of x's gradient
-    (``g * scale``) arrives here as the third gradient, and the statistics'
-    share ``(x - mu) * a + b`` is added to it in place: one read of (dx, x)
-    and one write, instead of materialising both shares and summing them.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor):
-        mu, var = ops.instance_stats_impl(x)
-        ctx.save_for_backward(x, mu)
-        return mu, var, x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, d_mu, d_var, d_x):
-        x, mu = ctx.saved_tensors
-        a, b = ops.stats_grad_coefficients(x, mu, d_mu, d_var)
-        if torch.is_grad_enabled():   # double backward: the same formula in plain ops
-            acc = acc_dtype(x)
-            t = (x.to(acc) - _bcast(mu, x)) * _bcast(a, x) + _bcast(b, x)
-            return (t if d_x is None else d_x.to(acc) + t).to(x.dtype)
-        if d_x is None:
-            return ops.scale_shift_impl(x, mu, a, b)
-        if d_x.dtype != x.dtype or d_x.stride() != x.stride() or d_x._base is not None:
-            return ops.grad_input_impl(d_x, x, mu, torch.ones_like(a), a, b)
-        ops.add_grad_input_impl(d_x, x, mu, a, b)
-        return d_x
-
-
-class _ScaleShift(torch.autograd.Function):
-    """``sn::scale_shift`` and its registered gradient, without the dispatcher's per-call
-    cost (about 15-35 us per operator call in eager mode, measured on the CPU)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, mu: Tensor, scale: Tensor, shift: Tensor, out_dtype):
-        ctx.save_for_backward(x, mu, scale)
-        ctx.shapes = (mu.shape, scale.shape, shift.shape)
-        return ops.scale_shift_impl(x, mu, scale, shift, out_dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, mu, scale = ctx.saved_tensors
-        return ops.scale_shift_backward(g, x, mu, scale, ctx.shapes, ctx.needs_input_grad[0],
-                                        direct=True) + (None,)
-
-
 def _plain_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
     xf = x.to(acc_dtype(x))
     if x.dim() == 2:
@@ -184,10 +135,6 @@ def _instance_stats(x: Tensor, path: str) -> Tuple[Tensor, Tensor, Tensor]:
     """(mu_in, var_in, the x the apply must read) on ``path``."""
     if path == "plain":
         return (*_plain_stats(x), x)
-    if path == "eager":
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _StatsThrough.apply(x)
-        return (*ops.instance_stats_impl(x), x)
     stats = ops.instance_stats(x)   # (a proxy while fx traces: index, do not unpack)
     return stats[0], stats[1], x
 
@@ -198,11 +145,6 @@ def _apply(x: Tensor, mu: Tensor, scale: Tensor, shift: Tensor, path: str) -> Te
         acc = acc_dtype(x)
         y = (x.to(acc) - _bcast(mu, x)) * _bcast(scale, x) + _bcast(shift, x)
         return y.to(_out_dtype(x))
-    if path == "eager":
-        if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad
-                                        or shift.requires_grad or mu.requires_grad):
-            return _ScaleShift.apply(x, mu, scale, shift, _out_dtype(x))
-        return ops.scale_shift_impl(x, mu, scale, shift, _out_dtype(x))
     if fx_tracing():
         return ops.scale_shift(x, mu, scale, shift)
     return ops.scale_shift(x, mu, scale, shift, _out_dtype(x))
@@ -225,6 +167,14 @@ class BatchStats(NamedTuple):
     mean: Tensor
     var: Tensor
     count: Tensor
+
+
+def chunk_average(stat: Tensor, dtype: torch.dtype) -> Tensor:
+    """The average over the chunks (rows) of a per-chunk statistic (k, C), in ``dtype``."""
+    if fx_tracing():
+        return stat.mean(0).to(dtype)
+    avg = stat[0] if stat.shape[0] == 1 else stat.mean(0)
+    return avg if avg.dtype == dtype else avg.to(dtype)
 
 
 def _chunks(n: int, ghost: Optional[int]) -> List[int]:
@@ -314,6 +264,19 @@ def _pooled(mu: Tensor, var: Tensor, dim: int) -> Tuple[Tensor, Tensor]:
     return mean, var.mean(dim, keepdim=True) + spread
 
 
+def _eager(x, normalizers, eps, weight, bias, ratios, batch, running, unbiased):
+    from .eager import FastSwitchNorm, LayerSpec
+    spec = LayerSpec(tuple(normalizers), eps, unbiased, batch is not None,
+                     batch.ghost if batch is not None else None,
+                     batch.group if batch is not None else None, _out_dtype(x))
+    # (copies: the buffers move in place after this forward, the node keeps what it used)
+    shift = batch.shift.detach().clone() if batch is not None and batch.group is not None \
+        else None
+    rm, rv = (t.detach().clone() for t in running) if running is not None else (None, None)
+    y, mean, var, count = FastSwitchNorm.apply(x, weight, bias, ratios, shift, rm, rv, spec)
+    return y, (BatchStats(mean, var, count) if batch is not None else None)
+
+
 def _mix(stats: Sequence[Tuple[Tensor, Tensor]], w: Tensor) -> Tuple[Tensor, Tensor]:
     """Eq. (3): ``sum_k w[0, k] mean_k`` and ``sum_k w[1, k] var_k`` for the (mean, var)
     pairs ``stats`` and the (2, K) ratios ``w``, as one broadcast multiply and sum
@@ -331,7 +294,8 @@ def switch_norm(x: Tensor, normalizers: Sequence[str], eps: float,
                 ratios: Optional[Tensor] = None,
                 batch: Optional[BatchSpec] = None,
                 running: Optional[Tuple[Tensor, Tensor]] = None,
-                unbiased: Optional[str] = None) -> Tuple[Tensor, Optional[BatchStats]]:
+                unbiased: Optional[str] = None,
+                path: Optional[str] = None) -> Tuple[Tensor, Optional[BatchStats]]:
     """Normalize ``x`` (N, C, *spatial) by Eq. (3): the ``normalizers`` (in, ln, bn)
     mixed by ``ratios`` (2, K): the mean weights, then the variance weights (None: a
     single normalizer).
@@ -342,9 +306,13 @@ def switch_norm(x: Tensor, normalizers: Sequence[str], eps: float,
     it), ``"pooled"`` to the LN and BN variances over their own pixel sets (their 1d layer:
     unbiased over C for LN, over N for BN).
     Returns the output and, with ``batch``, the per-chunk BN statistics (for the
-    running averages or the batch average).
+    running averages or the batch average). ``path`` overrides ``current_path()``;
+    in eager mode the same computation runs as one autograd node
+    (``eager.FastSwitchNorm``).
     """
-    path = current_path()
+    path = path or current_path()
+    if path == "eager":
+        return _eager(x, normalizers, eps, weight, bias, ratios, batch, running, unbiased)
     mu, var, x_in = _instance_stats(x, path)
     if unbiased == "in":
         var = _bessel(var, spatial_size(x))

@@ -12,8 +12,7 @@ Switchable Normalization (Eq. 3-5) needs only three things of the large
 * backward (Appendix A): ``sn::grad_sums(g, x, mu)`` gives the per-(n, c)
   ``sum g`` and ``sum g (x - mu)`` in one read of (g, x) and, with ``scale``,
   also writes ``g * scale``; ``sn::grad_input(g, x, mu, scale, a, b)`` writes
-  ``dx = g * scale + (x - mu) * a + b`` and ``sn::add_grad_input_`` adds
-  ``(x - mu) * a + b`` to a gradient in place.
+  ``dx = g * scale + (x - mu) * a + b`` in one more read of (g, x).
 
 Each operator has a fake (meta) implementation, so ``torch.compile``,
 ``torch.export`` and FakeTensor tracing see through it, and
@@ -44,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["instance_stats", "scale_shift", "grad_sums", "grad_input", "add_grad_input_",
+__all__ = ["instance_stats", "scale_shift", "grad_sums", "grad_input",
            "all_reduce_sum", "group_name", "triton_mode", "set_triton_mode",
            "triton_status", "reset_triton_checks"]
 
@@ -233,8 +232,12 @@ def _bcast(t: Tensor, x: Tensor) -> Tensor:
     return t.reshape(t.shape + (1,) * (x.dim() - 2))
 
 
+def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _flat(t: Tensor, n: int, c: int, dtype: torch.dtype) -> Tensor:
-    return t.to(dtype).expand(n, c).reshape(-1)
+    return _to(t, dtype).expand(n, c).reshape(-1)
 
 
 def _native_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -247,11 +250,13 @@ def _native_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def _native_apply(x: Tensor, mu: Tensor, scale: Tensor, shift: Tensor,
-                  out_dtype: torch.dtype) -> Tensor:
-    """``(x - mu) * scale + shift`` in float32 (float64), rounded once to ``out_dtype``."""
+                  out_dtype: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
+    """``(x - mu) * scale + shift`` in float32 (float64), rounded once to ``out_dtype``
+    (into ``out`` when given: x's shape and memory format)."""
     n, c = x.shape[:2]
     acc = acc_dtype(x)
-    out = torch.empty_like(x, dtype=out_dtype)
+    if out is None:
+        out = torch.empty_like(x, dtype=out_dtype)
     if _native_ok(x) and out_dtype == x.dtype:
         ones = torch.ones(n * c, dtype=acc, device=x.device)
         empty = x.new_empty(0, dtype=acc)
@@ -259,8 +264,8 @@ def _native_apply(x: Tensor, mu: Tensor, scale: Tensor, shift: Tensor,
             _rows(x), _flat(scale, n, c, acc), _flat(shift, n, c, acc), _flat(mu, n, c, acc),
             ones, False, 0.0, 0.0, out=_rows(out), save_mean=empty, save_invstd=empty)
         return out
-    xf = x.to(acc) - _bcast(mu.to(acc), x)
-    return out.copy_(xf.mul_(_bcast(scale.to(acc), x)).add_(_bcast(shift.to(acc), x)))
+    xf = x.to(acc) - _bcast(_to(mu, acc), x)
+    return out.copy_(xf.mul_(_bcast(_to(scale, acc), x)).add_(_bcast(_to(shift, acc), x)))
 
 
 def _native_grad_sums(g: Tensor, x: Tensor, mu: Tensor, scale: Optional[Tensor]):
@@ -269,7 +274,7 @@ def _native_grad_sums(g: Tensor, x: Tensor, mu: Tensor, scale: Optional[Tensor])
     acc = acc_dtype(x)
     dx = None
     if scale is not None:
-        dx = torch.mul(g, _bcast(scale.to(acc), x), out=torch.empty_like(x))
+        dx = torch.mul(g, _bcast(_to(scale, acc), x), out=torch.empty_like(x))
     if x.numel() == 0:
         zeros = torch.zeros(n, c, dtype=acc, device=x.device)
         return zeros, zeros.clone(), dx
@@ -285,11 +290,14 @@ def _native_grad_sums(g: Tensor, x: Tensor, mu: Tensor, scale: Optional[Tensor])
 
 
 def _native_grad_input(g: Tensor, x: Tensor, mu: Tensor, scale: Tensor, a: Tensor,
-                       b: Tensor) -> Tensor:
+                       b: Tensor, out: Optional[Tensor] = None) -> Tensor:
     acc = acc_dtype(x)
+    if x.dtype == acc and (out is None or out.dtype == acc):
+        t = _native_apply(x, mu, a, b, acc, out)
+        return t.addcmul_(_to(g, acc), _bcast(_to(scale, acc), x))
     t = _native_apply(x, mu, a, b, acc)
-    t.addcmul_(g.to(acc), _bcast(scale.to(acc), x))
-    return t if t.dtype == x.dtype else t.to(x.dtype)
+    t.addcmul_(_to(g, acc), _bcast(_to(scale, acc), x))
+    return t.to(x.dtype) if out is None else out.copy_(t)
 
 
 # -- implementations (the operators below call these; eager autograd calls them directly) --
@@ -301,12 +309,13 @@ def instance_stats_impl(x: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def scale_shift_impl(x: Tensor, mu: Tensor, scale: Tensor, shift: Tensor,
-                     out_dtype: Optional[torch.dtype] = None) -> Tensor:
+                     out_dtype: Optional[torch.dtype] = None,
+                     out: Optional[Tensor] = None) -> Tensor:
     dtype = out_dtype or x.dtype
     if dtype == x.dtype:
-        return _with_triton(x, lambda tk: tk.apply_scale_shift(x, mu, scale, shift),
-                            lambda: _native_apply(x, mu, scale, shift, dtype))
-    return _native_apply(x, mu, scale, shift, dtype)
+        return _with_triton(x, lambda tk: tk.apply_scale_shift(x, mu, scale, shift, out=out),
+                            lambda: _native_apply(x, mu, scale, shift, dtype, out))
+    return _native_apply(x, mu, scale, shift, dtype, out)
 
 
 def grad_sums_impl(g: Tensor, x: Tensor, mu: Tensor, scale: Optional[Tensor] = None
@@ -319,18 +328,9 @@ def grad_sums_impl(g: Tensor, x: Tensor, mu: Tensor, scale: Optional[Tensor] = N
 
 
 def grad_input_impl(g: Tensor, x: Tensor, mu: Tensor, scale: Tensor, a: Tensor,
-                    b: Tensor) -> Tensor:
-    return _with_triton(x, lambda tk: tk.grad_input(g, x, mu, scale, a, b),
-                        lambda: _native_grad_input(g, x, mu, scale, a, b))
-
-
-def add_grad_input_impl(dx: Tensor, x: Tensor, mu: Tensor, a: Tensor, b: Tensor) -> None:
-    def triton(tk):
-        tk.grad_input(dx, x, mu, torch.ones_like(a), a, b, out=dx)
-
-    def native():
-        dx.add_(_native_apply(x, mu, a, b, acc_dtype(x)))
-    _with_triton(x, triton, native)
+                    b: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    return _with_triton(x, lambda tk: tk.grad_input(g, x, mu, scale, a, b, out=out),
+                        lambda: _native_grad_input(g, x, mu, scale, a, b, out))
 
 
 # -- the operators ------------------------------------------------------------------------
@@ -384,17 +384,6 @@ def grad_input(g: Tensor, x: Tensor, mu: Tensor, scale: Tensor, a: Tensor, b: Te
 @grad_input.register_fake
 def _(g, x, mu, scale, a, b):
     return torch.empty_like(x)
-
-
-@torch.library.custom_op("sn::add_grad_input_", mutates_args=("dx",))
-def add_grad_input_(dx: Tensor, x: Tensor, mu: Tensor, a: Tensor, b: Tensor) -> None:
-    """``dx += (x - mu) * a + b`` in place (the statistics' share of x's gradient)."""
-    add_grad_input_impl(dx, x, mu, a, b)
-
-
-@add_grad_input_.register_fake
-def _(dx, x, mu, a, b):
-    return None
 
 
 # -- autograd of the two forward operators ------------------------------------------------

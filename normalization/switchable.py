@@ -181,7 +181,7 @@ class _SwitchNormBase(BatchStatsMixin, nn.Module):
         if self.using_moving_average:
             w = 1.0 - self.momentum
             for buf, stat in ((self.running_mean, stats.mean), (self.running_var, stats.var)):
-                buf.lerp_(stat.mean(0).to(buf.dtype), w)
+                buf.lerp_(fn.chunk_average(stat, buf.dtype), w)
 
     # -- checkpoints ------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import normalization as N
-from normalization import functional as fn
+from normalization import ops
 
 BF16 = torch.bfloat16
 NORMS = [("sn", {"ghost_batch_size": 2}), ("ssn", {"ghost_batch_size": 2}),
@@ -74,18 +74,19 @@ def test_mixing_stays_float32_under_autocast():
     """The coefficients of Eq. (3) are float32 under autocast (a matmul would not be)."""
     x = torch.randn(4, 6, 3, 3) + 50
     seen = {}
-    original = fn._apply
+    original = ops.scale_shift_impl
 
-    def spy(x_in, mu, scale, shift, path):
-        seen.update(mu=mu.dtype, scale=scale.dtype, shift=shift.dtype)
-        return original(x_in, mu, scale, shift, path)
-    fn._apply = spy
+    def spy(x_in, mu, scale, shift, out_dtype=None, out=None):
+        seen.update(mu=mu.dtype, scale=scale.dtype, shift=shift.dtype, out=out_dtype)
+        return original(x_in, mu, scale, shift, out_dtype, out)
+    ops.scale_shift_impl = spy
     try:
         with torch.autocast("cpu", dtype=BF16):
             _layer("sn", {"ghost_batch_size": 2})(x)
     finally:
-        fn._apply = original
-    assert seen == {"mu": torch.float32, "scale": torch.float32, "shift": torch.float32}
+        ops.scale_shift_impl = original
+    assert seen == {"mu": torch.float32, "scale": torch.float32, "shift": torch.float32,
+                    "out": BF16}
 
 
 @pytest.mark.gpu

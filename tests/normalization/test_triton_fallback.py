@@ -39,7 +39,8 @@ class StandIn:
 
     def apply_scale_shift(self, x, mu, scale, shift, out=None):
         self._enter()
-        return self._bend(ops._native_apply(x, mu, scale, shift, x.dtype))
+        y = self._bend(ops._native_apply(x, mu, scale, shift, x.dtype))
+        return y if out is None else out.copy_(y)
 
     def grad_sums(self, g, x, mu, scale=None, out=None):
         self._enter()
