@@ -18,7 +18,7 @@ import os
 import sys
 
 from engine.checkpoint import load_checkpoint
-from engine.config import ConfigError, from_dict, load_config, resolve, strip_derived
+from engine.config import ConfigError, config_from_dict, load_config, resolve, strip_derived
 
 
 def parse_args(argv=None):
@@ -42,8 +42,8 @@ def _config(args, state):
     if args.config:
         return load_config(args.config, args.overrides)
     if isinstance(state.get("config"), dict):
-        from engine.config import apply_overrides
-        return from_dict(apply_overrides(strip_derived(state["config"]), args.overrides))
+        return config_from_dict(strip_derived(state["config"]), args.overrides,
+                                f"{args.checkpoint} (its stored config)")
     raise ConfigError(f"{args.checkpoint} holds no config: pass --config (e.g. a file in "
                       "configs/imagenet/zoo/) for the data and batch settings")
 

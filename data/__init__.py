@@ -7,14 +7,28 @@ by DALI or torchvision, sharded, deterministic and resumable.
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch, start_iter)
         for images, targets in loader: ...
-"""
-from .base import Loader
-from .config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
-from .datasets import BadImageError
-from .demo import DEMO_CLASSES, ensure_demo_dataset
-from .loader import build_loader
-from .presets import ClassificationPresetEval, ClassificationPresetTrain
 
-__all__ = ["build_loader", "DataConfig", "IMAGENET_MEAN", "IMAGENET_STD", "ensure_demo_dataset",
-           "DEMO_CLASSES", "Loader", "BadImageError", "ClassificationPresetTrain",
-           "ClassificationPresetEval"]
+The names below are imported on first use, so that reading a config (``data.config``,
+``train.py --help-config`` and ``--print-config``) does not import torch.
+"""
+import importlib
+
+_EXPORTS = {
+    "build_loader": ".loader", "DataConfig": ".config", "IMAGENET_MEAN": ".config",
+    "IMAGENET_STD": ".config", "ensure_demo_dataset": ".demo", "DEMO_CLASSES": ".demo",
+    "Loader": ".base", "BadImageError": ".datasets", "ClassificationPresetTrain": ".presets",
+    "ClassificationPresetEval": ".presets",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

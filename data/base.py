@@ -44,6 +44,15 @@ class Loader:
     def __len__(self) -> int:
         return len(self.sampler)
 
+    #: Training crops by Resize + RandomCrop instead of RandomResizedCrop (``set_resize_crop``).
+    resize_crop = False
+
+    def set_resize_crop(self, on: bool) -> None:
+        """Crop training images with ``Resize(val_resize) + RandomCrop(image_size)`` from the
+        next epoch on (``on``), or with RandomResizedCrop again; the authors' SSN recipe in
+        its last epochs (``data.resize_crop_last_epochs``)."""
+        raise NotImplementedError(f"{type(self).__name__} has one crop only")
+
     def set_epoch(self, epoch: int, start_iter: int = 0) -> None:
         """Start ``epoch`` after ``start_iter`` batches (a resumed run); resets ``bad_images``."""
         self.sampler.set_epoch(epoch, start_iter)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from .demo import DEMO_VARIANTS
+
 __all__ = ["DataConfig", "IMAGENET_MEAN", "IMAGENET_STD", "LIGHTING_EIGVAL", "LIGHTING_EIGVEC"]
 
 #: Per-channel (RGB) mean and standard deviation of ImageNet pixels in [0, 1].
@@ -70,6 +72,9 @@ class DataConfig:
         "validation: center crop size after the resize"))
     min_scale: float = field(default=0.08, metadata=_help(
         "RandomResizedCrop: smallest crop area as a fraction of the image"))
+    resize_crop_last_epochs: int = field(default=0, metadata=_help(
+        "the last N training epochs crop with Resize(val_resize) + RandomCrop(image_size) "
+        "instead of RandomResizedCrop (the authors' SSN training: 5); 0 never"))
     hflip: bool = field(default=True, metadata=_help("random horizontal flips in training"))
     color_jitter: float = field(default=0.0, metadata=_help(
         "brightness/contrast/saturation jitter strength in training (0 disables)"))
@@ -77,8 +82,9 @@ class DataConfig:
         "std of AlexNet's PCA lighting noise in training (the authors' ColorAugmentation); "
         "0 disables"))
     on_bad_image: str = field(default="skip", metadata=_help(
-        "an unreadable/truncated image: 'skip' (drop it from its batch, count it, warn) "
-        "or 'error' (stop with an error naming the file)"))
+        "an unreadable/truncated image: 'skip' (count it and warn; in training another "
+        "sample of the rank's shard takes its place, so batches stay whole and ranks in step; "
+        "in validation it is left out) or 'error' (stop with an error naming the file)"))
     dali_verify: str = field(default="header", metadata=_help(
         "DALI cannot skip bad files mid-run, so files are checked when the loader is built: "
         "'header' (magic bytes and JPEG end marker, fast), 'decode' (full decode, slow) "
@@ -91,6 +97,10 @@ class DataConfig:
         "per-channel RGB standard deviation pixels in [0, 1] are divided by"))
     demo_size: int = field(default=72, metadata=_help(
         "pixel size of the generated demo images (dataset 'demo')"))
+    demo_variant: str = field(default="shapes", metadata=_help(
+        "generated demo images: 'shapes' (cluttered: the demo) or 'clean' (one clear shape, "
+        "learnt in a few hundred large-batch steps: the Table 2 grid at small scale); "
+        "a variant other than 'shapes' lives in <cache>/demo_v1_<demo_size>_<demo_variant>"))
     num_classes: Optional[int] = field(default=None, metadata=_help(
         "expected number of classes; an error if the data has a different number"))
 
@@ -98,7 +108,7 @@ class DataConfig:
         """Raise ``ValueError`` naming the first invalid ``data.*`` key; return self."""
         for name, choices in (("dataset", DATASETS), ("layout", LAYOUTS), ("backend", BACKENDS),
                               ("on_bad_image", BAD_IMAGE_POLICIES),
-                              ("dali_verify", DALI_VERIFY)):
+                              ("dali_verify", DALI_VERIFY), ("demo_variant", tuple(DEMO_VARIANTS))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"data.{name}: {getattr(self, name)!r} is not one of "
                                  f"{', '.join(choices)}")
@@ -121,6 +131,13 @@ class DataConfig:
                 raise ValueError(f"data.{name}: must be >= 1, got {getattr(self, name)!r}")
         if self.workers < 0:
             raise ValueError(f"data.workers: must be >= 0, got {self.workers!r}")
+        if self.resize_crop_last_epochs < 0:
+            raise ValueError(f"data.resize_crop_last_epochs: must be >= 0, got "
+                             f"{self.resize_crop_last_epochs!r}")
+        if self.resize_crop_last_epochs and self.image_size > self.val_resize:
+            raise ValueError(f"data.resize_crop_last_epochs: the crop (data.image_size "
+                             f"{self.image_size}) is larger than data.val_resize "
+                             f"({self.val_resize}), the size it is cropped from")
         if self.val_crop > self.val_resize:
             raise ValueError(f"data.val_crop: {self.val_crop} is larger than "
                              f"data.val_resize ({self.val_resize})")

@@ -156,7 +156,7 @@ def _val_geometry(fn, types, jpegs, resize: int, crop: int):
 
 
 def _build_pipeline(cfg: DataConfig, file_list: str, train: bool, batch_size: int,
-                    device_id: Optional[int], seed: int):
+                    device_id: Optional[int], seed: int, resize_crop: bool = False):
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
@@ -171,13 +171,21 @@ def _build_pipeline(cfg: DataConfig, file_list: str, train: bool, batch_size: in
                                         pad_last_batch=True, name="Reader")
         decoder = "mixed" if gpu else "cpu"
         linear = dict(interp_type=types.INTERP_LINEAR, antialias=True)
-        if train:
+        if train and resize_crop:  # Resize(val_resize) + RandomCrop(image_size)
+            images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB,
+                                       adjust_orientation=False)
+            images = fn.resize(images, resize_shorter=cfg.val_resize, **linear)
+            images = fn.crop(images, crop=(cfg.image_size, cfg.image_size),
+                             crop_pos_x=fn.random.uniform(range=[0.0, 1.0]),
+                             crop_pos_y=fn.random.uniform(range=[0.0, 1.0]))
+        elif train:
             images = fn.decoders.image_random_crop(
                 jpegs, device=decoder, output_type=types.RGB, adjust_orientation=False,
                 random_area=[cfg.min_scale, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
                 num_attempts=10)
             images = fn.resize(images, resize_x=cfg.image_size, resize_y=cfg.image_size,
                                **linear)
+        if train:
             if cfg.color_jitter > 0:
                 bounds = [max(0.0, 1.0 - cfg.color_jitter), 1.0 + cfg.color_jitter]
                 images = fn.color_twist(images, brightness=fn.random.uniform(range=bounds),
@@ -256,6 +264,11 @@ class DaliLoader(Loader):
         keep[[i for i, _ in bad]] = False
         return _subset(images, keep), len(bad[sampler.rank::sampler.world_size]), note
 
+    def set_resize_crop(self, on: bool) -> None:
+        if on and not self.train:
+            raise ValueError("this loader has no Resize + RandomCrop transform (validation)")
+        self.resize_crop = bool(on)  # the next epoch's pipeline is built with it
+
     def set_epoch(self, epoch: int, start_iter: int = 0) -> None:
         """As the base class; ``bad_images`` is this rank's share of the files left out."""
         super().set_epoch(epoch, start_iter)
@@ -271,7 +284,7 @@ class DaliLoader(Loader):
     def _prepare(self) -> int:
         """Build (or reuse) the pipeline of the current epoch; return its batch count."""
         s = self.sampler
-        key = (s.epoch if s.shuffle else None, s.start_iter)
+        key = (s.epoch if s.shuffle else None, s.start_iter, self.resize_crop)
         if key == self._key and self._complete:
             if self._iterator is not None:
                 self._iterator.reset()
@@ -283,7 +296,7 @@ class DaliLoader(Loader):
             from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
             seed = mix_seed(s.seed, s.epoch, s.rank, s.start_iter) % (2 ** 31)
             self._pipe = _build_pipeline(self.cfg, self._write_list(batches), self.train,
-                                         s.batch_size, self._device_id, seed)
+                                         s.batch_size, self._device_id, seed, self.resize_crop)
             self._iterator = DALIGenericIterator(
                 self._pipe, ["images", "labels"], reader_name="Reader",
                 last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)

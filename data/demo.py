@@ -11,6 +11,12 @@ now and then a small shape of another class), some of it drawn over the
 shape.  A small CNN learns it well above chance within minutes on two CPU
 cores (about 35-55% after 4-8 epochs of 3000 images), but not to 100% quickly.
 
+``variant="clean"`` draws the same classes without the clutter: a gradient
+background with noise, one large high-contrast shape, no confusers. A network
+learns it in a few hundred large-batch steps (the Table 2 grid at small scale,
+``tools/reproduce_table2.py``, trains its (8, 32) cells for about 300), while
+rotation, scale, colour and noise keep it from 100%.
+
 The images depend only on their seeds (identical for identical numpy/Pillow
 versions).  The dataset is written to a temporary folder and renamed into
 place when complete, under a file lock, so concurrent ranks never see half
@@ -25,6 +31,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,12 +40,20 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["ensure_demo_dataset", "DEMO_CLASSES", "render_demo_image"]
+__all__ = ["ensure_demo_dataset", "default_demo_root", "DEMO_CLASSES", "DEMO_VARIANTS",
+           "render_demo_image"]
 
 VERSION = 1
 DEMO_CLASSES = ("circle", "square", "triangle", "cross", "star", "ring", "stripes",
                 "checkerboard", "crescent", "arrow")
 TRAIN_PER_CLASS, VAL_PER_CLASS = 300, 50
+#: How cluttered an image is: background clutter items (a randint range), how often a small
+#: shape of another class is drawn (a choice), clutter drawn over the shape (a randint range),
+#: and the shape's least luminance contrast with what lies under it.
+DEMO_VARIANTS = {
+    "shapes": dict(clutter=(2, 7), confusers=(0, 0, 0, 1), over=(0, 2), contrast=60),
+    "clean": dict(clutter=(0, 1), confusers=(0,), over=(0, 0), contrast=80),
+}
 _SEED = 20190501
 Color = Tuple[int, int, int]
 
@@ -175,14 +190,15 @@ def _paint(img: np.ndarray, mask: np.ndarray, rng: random.Random, nrng: np.rando
     img[mask] = fill[mask]
 
 
-def render_demo_image(label: int, size: int, seed: int) -> Image.Image:
+def render_demo_image(label: int, size: int, seed: int, variant: str = "shapes") -> Image.Image:
     """One ``size`` x ``size`` RGB image of class ``DEMO_CLASSES[label]``."""
+    knobs = DEMO_VARIANTS[variant]
     rng, nrng = random.Random(seed), np.random.default_rng(seed)
     n = 2 * size  # drawn at twice the size, then downsampled: antialiased edges
     canvas = Image.fromarray(np.clip(_background(n, rng, nrng), 0, 255).astype(np.uint8))
-    _clutter(ImageDraw.Draw(canvas), n, rng, rng.randint(2, 7))
+    _clutter(ImageDraw.Draw(canvas), n, rng, rng.randint(*knobs["clutter"]))
     img = np.asarray(canvas).astype(np.float32)
-    for _ in range(rng.choice((0, 0, 0, 1))):  # small shapes of other classes: confusers
+    for _ in range(rng.choice(knobs["confusers"])):  # small shapes of other classes: confusers
         other = rng.choice([c for c in DEMO_CLASSES if c != DEMO_CLASSES[label]])
         r = rng.uniform(0.06, 0.11) * n
         mask = _shape_mask(other, n, rng.uniform(0, n), rng.uniform(0, n), r,
@@ -191,19 +207,25 @@ def render_demo_image(label: int, size: int, seed: int) -> Image.Image:
     r = rng.uniform(0.2, 0.38) * n
     cx, cy = rng.uniform(r * 0.6, n - r * 0.6), rng.uniform(r * 0.6, n - r * 0.6)
     mask = _shape_mask(DEMO_CLASSES[label], n, cx, cy, r, rng.uniform(0, 2 * math.pi), rng)
-    _paint(img, mask, rng, nrng, 60)
+    _paint(img, mask, rng, nrng, knobs["contrast"])
     canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-    _clutter(ImageDraw.Draw(canvas), n, rng, rng.randint(0, 2), scale=0.6)
+    _clutter(ImageDraw.Draw(canvas), n, rng, rng.randint(*knobs["over"]), scale=0.6)
     return canvas.resize((size, size), Image.BOX)
 
 
 # --- generation -------------------------------------------------------------
 
-def _default_root(size: int, counts: Tuple[int, int, int]) -> Path:
+def default_demo_root(size: int = 72, variant: str = "shapes") -> Path:
+    """Where ``ensure_demo_dataset(None, size, variant=variant)`` keeps the default counts."""
+    return _default_root(size, (len(DEMO_CLASSES), TRAIN_PER_CLASS, VAL_PER_CLASS), variant)
+
+
+def _default_root(size: int, counts: Tuple[int, int, int], variant: str = "shapes") -> Path:
     base = Path(os.environ.get("SN_DEMO_DIR") or Path.home() / ".cache" / "switchable_norm")
     suffix = "" if counts == (len(DEMO_CLASSES), TRAIN_PER_CLASS, VAL_PER_CLASS) \
         else "_{}c_{}x{}".format(*counts)
-    return base / f"demo_v{VERSION}_{size}{suffix}"
+    kind = "" if variant == "shapes" else f"_{variant}"
+    return base / f"demo_v{VERSION}_{size}{kind}{suffix}"
 
 
 @contextmanager
@@ -228,35 +250,56 @@ def _image_seed(split: str, label: int, index: int) -> int:
     return int.from_bytes(digest.digest(), "little")
 
 
-def _write_class(job: Tuple[str, str, int, int, int]) -> None:
-    folder, split, label, count, size = job
+def _write_class(job: Tuple[str, str, int, int, int, str]) -> int:
+    folder, split, label, count, size, variant = job
     name = DEMO_CLASSES[label]
     class_dir = Path(folder) / split / name
     class_dir.mkdir(parents=True)
     for i in range(count):
-        render_demo_image(label, size, _image_seed(split, label, i)).save(
+        render_demo_image(label, size, _image_seed(split, label, i), variant).save(
             class_dir / f"{name}_{split}_{i:05d}.JPEG", quality=90)
+    return count
 
 
-def _generate(folder: Path, size: int, counts: Tuple[int, int, int]) -> None:
+def _generate(folder: Path, size: int, counts: Tuple[int, int, int],
+              variant: str = "shapes", into: Optional[Path] = None) -> None:
     """Render every class folder, in parallel processes where ``fork`` exists (the
-    images depend only on their seeds, not on the process that draws them)."""
+    images depend only on their seeds, not on the process that draws them). Prints one
+    line that grows with the progress: ``generating the demo dataset (N images of S px)
+    into PATH: 10% 20% ... 100% (T s)`` (``into``: the final folder, else ``folder``)."""
     num_classes, train_per_class, val_per_class = counts
-    jobs = [(str(folder), split, label, count, size)
+    jobs = [(str(folder), split, label, count, size, variant)
             for split, count in (("train", train_per_class), ("val", val_per_class))
             for label in range(num_classes)]
+    total = num_classes * (train_per_class + val_per_class)
+    print(f"generating the demo dataset ({total} images of {size} px) into {into or folder}:",
+          end="", flush=True)
+    start = time.perf_counter()
     processes = min(len(jobs), os.cpu_count() or 1, 8)
     if processes > 1 and "fork" in multiprocessing.get_all_start_methods():
         with multiprocessing.get_context("fork").Pool(processes) as pool:
-            pool.map(_write_class, jobs, chunksize=1)
+            _show_progress(pool.imap_unordered(_write_class, jobs, chunksize=1), total)
     else:
-        for job in jobs:
-            _write_class(job)
+        _show_progress(map(_write_class, jobs), total)
+    print(f" ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
-def _manifest(size: int, counts: Tuple[int, int, int]) -> Dict:
-    return {"version": VERSION, "size": size, "classes": list(DEMO_CLASSES[:counts[0]]),
-            "train_per_class": counts[1], "val_per_class": counts[2]}
+def _show_progress(counts: Iterator[int], total: int) -> None:
+    """Consume ``counts`` (images written per job), printing every 10% reached."""
+    done = shown = 0
+    for count in counts:
+        done += count
+        while shown < 10 * done // total:
+            shown += 1
+            print(f" {10 * shown}%", end="", flush=True)
+
+
+def _manifest(size: int, counts: Tuple[int, int, int], variant: str = "shapes") -> Dict:
+    manifest = {"version": VERSION, "size": size, "classes": list(DEMO_CLASSES[:counts[0]]),
+                "train_per_class": counts[1], "val_per_class": counts[2]}
+    if variant != "shapes":  # the first datasets have no "variant" entry: "shapes"
+        manifest["variant"] = variant
+    return manifest
 
 
 def _check_existing(root: Path, manifest: Dict, requested: Tuple[str, ...]) -> None:
@@ -266,6 +309,8 @@ def _check_existing(root: Path, manifest: Dict, requested: Tuple[str, ...]) -> N
         raise ValueError(f"{root}: exists but is not a generated demo dataset (no demo.json); "
                          f"pass another data.root")
     found = json.loads(path.read_text())
+    found.setdefault("variant", "shapes")
+    manifest = dict(manifest, variant=manifest.get("variant", "shapes"))
     wrong = {k: found.get(k) for k in requested if found.get(k) != manifest[k]}
     if wrong:
         raise ValueError(f"{root}: demo dataset generated with {wrong}, requested "
@@ -276,39 +321,44 @@ def _check_existing(root: Path, manifest: Dict, requested: Tuple[str, ...]) -> N
 def ensure_demo_dataset(root: Optional[str] = None, size: int = 72, *,
                         num_classes: Optional[int] = None,
                         train_per_class: Optional[int] = None,
-                        val_per_class: Optional[int] = None) -> Path:
+                        val_per_class: Optional[int] = None,
+                        variant: Optional[str] = None) -> Path:
     """The demo dataset's root, generated first if missing.
 
     ``root`` None: ``$SN_DEMO_DIR`` (default ``~/.cache/switchable_norm``) /
-    ``demo_v1_<size>``.  The counts default to 10 classes of 300 training and 50
+    ``demo_v1_<size>`` (``demo_v1_<size>_<variant>`` for another variant than
+    ``shapes``).  The counts default to 10 classes of 300 training and 50
     validation images; an existing dataset must have the ``size`` and the counts
-    that are given.  Safe to call from every rank at once.
+    and variant that are given.  Safe to call from every rank at once.
     """
-    requested = ("version", "size") + tuple(
+    if variant is not None and variant not in DEMO_VARIANTS:
+        raise ValueError(f"variant: {variant!r} is not one of {', '.join(DEMO_VARIANTS)}")
+    requested = ("version", "size") + (("variant",) if variant is not None else ()) + tuple(
         key for key, value in (("classes", num_classes), ("train_per_class", train_per_class),
                                ("val_per_class", val_per_class)) if value is not None)
     num_classes = len(DEMO_CLASSES) if num_classes is None else num_classes
     if not 1 <= num_classes <= len(DEMO_CLASSES):
         raise ValueError(f"num_classes: must be in [1, {len(DEMO_CLASSES)}], got {num_classes}")
     counts = (num_classes, train_per_class or TRAIN_PER_CLASS, val_per_class or VAL_PER_CLASS)
-    root = Path(root).expanduser() if root is not None else _default_root(size, counts)
-    manifest = _manifest(size, counts)
+    variant = variant or "shapes"
+    root = Path(root).expanduser() if root is not None else _default_root(size, counts, variant)
+    manifest = _manifest(size, counts, variant)
     if root.exists():
         _check_existing(root, manifest, requested)
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(root.parent / f".{root.name}.lock"):
         if not root.exists():  # else generated by another process while we waited
-            _generate_atomically(root, size, counts, manifest)
+            _generate_atomically(root, size, counts, manifest, variant)
     _check_existing(root, manifest, requested)
     return root
 
 
 def _generate_atomically(root: Path, size: int, counts: Tuple[int, int, int],
-                         manifest: Dict) -> None:
+                         manifest: Dict, variant: str = "shapes") -> None:
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        _generate(tmp, size, counts)
+        _generate(tmp, size, counts, variant, into=root)
         (tmp / "demo.json").write_text(json.dumps(manifest, indent=1))
         try:
             os.rename(tmp, root)

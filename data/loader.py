@@ -15,7 +15,7 @@ left out, so every image counts at most once. Either way it is counted in
 from __future__ import annotations
 
 import signal
-import warnings
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, NamedTuple, Optional, Tuple
@@ -87,22 +87,42 @@ class TorchvisionLoader(Loader):
 
     def __init__(self, dataset: ImageDataset, sampler: ShardedBatchSampler, *, workers: int,
                  pin_memory: bool, prefetch_factor: int, device: torch.device,
-                 mean, std, on_bad_image: str, reason: str, replace_bad: bool = False):
+                 mean, std, on_bad_image: str, reason: str, replace_bad: bool = False,
+                 resize_crop_transform=None):
         super().__init__(dataset.images, sampler, device, reason)
         self.on_bad_image, self.replace_bad = on_bad_image, replace_bad
         self._dataset = dataset
+        self._transforms = {False: dataset.transform, True: resize_crop_transform}
         self._normalize = Normalizer(mean, std)
         self._warned = set()
         self._shard: Tuple[Optional[int], List[int]] = (None, [])
+        self._options = dict(num_workers=workers, pin_memory=pin_memory,
+                             prefetch_factor=prefetch_factor)
+        self._loader = self._data_loader()
+
+    def _data_loader(self) -> DataLoader:
         # A generator of its own: starting an epoch draws the workers' base seed from it, not
         # from the global RNG, which belongs to the model (dropout) and is restored on resume.
         # (Augmentation is seeded per sample by the sampler; the base seed is unused.)
-        self._loader = DataLoader(
-            dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_samples,
-            pin_memory=pin_memory, persistent_workers=workers > 0,
-            prefetch_factor=prefetch_factor if workers > 0 else None,
+        workers = self._options["num_workers"]
+        return DataLoader(
+            self._dataset, batch_sampler=self.sampler, num_workers=workers,
+            collate_fn=collate_samples, pin_memory=self._options["pin_memory"],
+            persistent_workers=workers > 0,
+            prefetch_factor=self._options["prefetch_factor"] if workers > 0 else None,
             generator=torch.Generator().manual_seed(0),
             worker_init_fn=_ignore_sigterm if workers > 0 else None)
+
+    def set_resize_crop(self, on: bool) -> None:
+        on = bool(on)
+        if on == self.resize_crop:
+            return
+        if self._transforms[on] is None:
+            raise ValueError("this loader has no Resize + RandomCrop transform (validation)")
+        # Persistent workers hold a copy of the dataset: new workers see the new transform.
+        self._dataset.transform = self._transforms[on]
+        self.resize_crop = on
+        self._loader = self._data_loader()
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         self._begin_epoch()
@@ -130,10 +150,11 @@ class TorchvisionLoader(Loader):
         what = "replaced by another image of this rank's shard" if self.replace_bad \
             else "left out"
         for _, bad in batch.bad:
-            if bad.path not in self._warned:
+            if bad.path not in self._warned:  # once per file and process, on one line
                 self._warned.add(bad.path)
-                warnings.warn(f"unreadable image {bad.path} ({bad.error}): {what}",
-                              stacklevel=3)
+                error = " ".join(str(bad.error).split())
+                print(f"warning: unreadable image {bad.path} ({error}): {what}",
+                      file=sys.stderr, flush=True)
         return self._fill(batch, batch_index) if self.replace_bad else batch
 
     def _fill(self, batch: Batch, batch_index: int) -> Batch:
@@ -195,7 +216,7 @@ def _resolve(root: Path, name: str) -> Path:
 
 def _dataset_root(cfg: DataConfig) -> Path:
     if cfg.dataset == "demo":
-        return ensure_demo_dataset(cfg.root, cfg.demo_size)
+        return ensure_demo_dataset(cfg.root, cfg.demo_size, variant=cfg.demo_variant)
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: data.root not found")
@@ -221,11 +242,14 @@ def build_image_list(cfg: DataConfig, split: str) -> ImageList:
     return images
 
 
-def build_preset(cfg: DataConfig, split: str):
+def build_preset(cfg: DataConfig, split: str, resize_crop: bool = False):
+    """The transform of ``split``; ``resize_crop``: the training one with Resize(val_resize)
+    + RandomCrop(image_size) in place of RandomResizedCrop."""
     if split == "train":
         return ClassificationPresetTrain(cfg.image_size, min_scale=cfg.min_scale, hflip=cfg.hflip,
                                          color_jitter=cfg.color_jitter, lighting=cfg.lighting,
-                                         mean=cfg.mean, std=cfg.std)
+                                         mean=cfg.mean, std=cfg.std,
+                                         resize_size=cfg.val_resize if resize_crop else None)
     return ClassificationPresetEval(cfg.val_crop, cfg.val_resize, mean=cfg.mean, std=cfg.std)
 
 
@@ -256,4 +280,6 @@ def build_loader(cfg: DataConfig, split: str, batch_size: int, *, rank: int = 0,
     return TorchvisionLoader(dataset, sampler, workers=cfg.workers, pin_memory=pin,
                              prefetch_factor=cfg.prefetch_factor, device=device,
                              mean=cfg.mean, std=cfg.std, on_bad_image=cfg.on_bad_image,
-                             reason=reason, replace_bad=train)
+                             reason=reason, replace_bad=train,
+                             resize_crop_transform=build_preset(cfg, split, resize_crop=True)
+                             .prepare if train else None)

@@ -121,13 +121,22 @@ def _color_jitter(img: Image.Image, strength: float, rng: random.Random) -> Imag
 
 
 class ClassificationPresetTrain:
-    """RandomResizedCrop + flip + optional colour jitter + PCA lighting + normalisation."""
+    """RandomResizedCrop + flip + optional colour jitter + PCA lighting + normalisation.
+
+    ``resize_size``: instead of RandomResizedCrop, resize the shorter side to
+    ``resize_size`` and take a random ``crop_size`` square (``Resize`` + ``RandomCrop``:
+    the authors' SSN training in its last epochs, ``data.resize_crop_last_epochs``).
+    """
 
     def __init__(self, crop_size: int = 224, *, min_scale: float = 0.08,
                  ratio: Tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True,
                  color_jitter: float = 0.0, lighting: float = 0.1,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 resize_size: Optional[int] = None):
+        if resize_size is not None and resize_size < crop_size:
+            raise ValueError(f"resize_size {resize_size} is smaller than crop_size {crop_size}")
         self.crop_size = crop_size
+        self.resize_size = resize_size
         self.scale = (min_scale, 1.0)
         self.ratio = ratio
         self.hflip = hflip
@@ -137,9 +146,15 @@ class ClassificationPresetTrain:
 
     def prepare(self, img: Image.Image, rng: random.Random) -> Tuple[torch.Tensor, torch.Tensor]:
         """The augmented uint8 (3, crop, crop) image and its RGB lighting shift (3,)."""
-        left, top, w, h = random_resized_crop_params(*img.size, rng, self.scale, self.ratio)
-        img = img.resize((self.crop_size, self.crop_size), Image.BILINEAR,
-                         box=(left, top, left + w, top + h))
+        if self.resize_size is not None:
+            img = TF.resize(img, self.resize_size, interpolation=TF.InterpolationMode.BILINEAR)
+            left = rng.randint(0, img.size[0] - self.crop_size)
+            top = rng.randint(0, img.size[1] - self.crop_size)
+            img = img.crop((left, top, left + self.crop_size, top + self.crop_size))
+        else:
+            left, top, w, h = random_resized_crop_params(*img.size, rng, self.scale, self.ratio)
+            img = img.resize((self.crop_size, self.crop_size), Image.BILINEAR,
+                             box=(left, top, left + w, top + h))
         if self.hflip and rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         if self.color_jitter > 0:
@@ -152,7 +167,9 @@ class ClassificationPresetTrain:
         return normalize_uint8(image, shift, self.mean, self.std)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(crop_size={self.crop_size}, scale={self.scale}, "
+        crop = f"resize_size={self.resize_size}" if self.resize_size is not None \
+            else f"scale={self.scale}"
+        return (f"{type(self).__name__}(crop_size={self.crop_size}, {crop}, "
                 f"hflip={self.hflip}, color_jitter={self.color_jitter}, "
                 f"lighting={self.lighting})")
 

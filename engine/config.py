@@ -29,13 +29,27 @@ import yaml
 
 from data.config import DataConfig
 
-__all__ = ["Config", "ConfigError", "load_config", "resolve", "to_dict", "from_dict",
-           "strip_derived", "apply_overrides", "format_config", "describe_schema",
-           "RESUMABLE_KEYS", "config_fingerprint", "config_differences"]
+__all__ = ["Config", "ConfigError", "MODEL_NAMES", "NORM_NAMES", "load_config",
+           "config_from_dict", "resolve", "to_dict", "from_dict", "strip_derived",
+           "apply_overrides", "format_config", "describe_schema", "RESUMABLE_KEYS",
+           "config_fingerprint", "config_differences"]
 
 
 class ConfigError(ValueError):
-    """A bad config file or override; the message names the key (and file)."""
+    """A bad config file or override; the message names the key (and the file or the
+    override it came from). ``key``: the dotted key at fault, when there is one."""
+
+    def __init__(self, message: str, key: Optional[str] = None):
+        super().__init__(message)
+        self.key = key
+
+
+#: The names ``models.build_model`` and ``normalization.build_norm`` accept, kept here so that
+#: a config is checked (``--print-config``, ``--help-config``) without importing torch;
+#: tests/engine/test_config.py checks that they equal the registries.
+MODEL_NAMES = tuple(f"resnet{depth}_{version}" for version in ("v1", "v2")
+                    for depth in (18, 34, 50, 101, 152))
+NORM_NAMES = ("bn", "syncbn", "gn", "in", "ln", "sn", "syncsn", "ssn", "none")
 
 
 def _h(text: str, **extra) -> dict:
@@ -45,9 +59,9 @@ def _h(text: str, **extra) -> dict:
 @dataclass
 class ModelConfig:
     name: str = field(default="resnet50_v1", metadata=_h(
-        "architecture: resnet{18,34,50,101,152}_{v1,v2}"))
+        "architecture: resnet{18,34,50,101,152}_{v1,v2}", choices=MODEL_NAMES))
     norm: str = field(default="sn", metadata=_h(
-        "normalizer: bn, syncbn, gn, in, ln, sn, syncsn, ssn, none"))
+        "normalizer: bn, syncbn, gn, in, ln, sn, syncsn, ssn, none", choices=NORM_NAMES))
     num_classes: int = field(default=1000, metadata=_h("number of output classes"))
     norm_kwargs: Dict[str, Any] = field(default_factory=dict, metadata=_h(
         "extra arguments of the normalizer, e.g. {using_bn: false} for SN at (8, 1), "
@@ -58,6 +72,10 @@ class ModelConfig:
     stem: str = field(default="imagenet", metadata=_h(
         "'imagenet' (7x7/2 conv + max-pool) or 'small' (3x3/1 conv, for tiny images)",
         choices=("imagenet", "small")))
+    stem_pool: str = field(default="torchvision", metadata=_h(
+        "the imagenet stem's 3x3/2 max-pool: 'torchvision' (padding 1) or 'ceil' (no padding, "
+        "ceil mode: the authors' ResNetV1SSN, Sparse_SwitchNorm)",
+        choices=("torchvision", "ceil")))
     width: int = field(default=64, metadata=_h("channels of the stem and the first stage"))
     drop_path_rate: float = field(default=0.0, metadata=_h(
         "stochastic depth of the last residual block, linear from 0 over the blocks "
@@ -298,7 +316,7 @@ def _unknown(key: str) -> ConfigError:
         last = key.rsplit(".", 1)[-1]
         close = [k for k in _all_keys(Config) if k.rsplit(".", 1)[-1] == last]
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"unknown config key {key!r}{hint}")
+    return ConfigError(f"unknown config key {key!r}{hint}", key)
 
 
 def _type_name(tp) -> str:
@@ -306,19 +324,26 @@ def _type_name(tp) -> str:
 
 
 def _coerce(value, tp, key: str):
+    try:
+        return _coerce_value(value, tp, key)
+    except ConfigError as e:
+        raise ConfigError(str(e), key) from None
+
+
+def _coerce_value(value, tp, key: str):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is typing.Union:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        return _coerce_value(value, inner[0], key)
     if tp is Any:
         return value
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        return [_coerce_value(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (dict, Dict):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
@@ -357,11 +382,17 @@ def _build(cls, data: dict, prefix: str = ""):
             kwargs[key] = _build(tp, value or {}, prefix + key + ".")
         else:
             kwargs[key] = _coerce(value, tp, prefix + key)
-            choices = fields[key].metadata.get("choices")
-            if choices and kwargs[key] not in choices:
-                raise ConfigError(f"{prefix}{key}: {kwargs[key]!r} is not one of "
-                                  f"{', '.join(map(str, choices))}")
+            _check_choice(prefix + key, kwargs[key], fields[key].metadata.get("choices"))
     return cls(**kwargs)
+
+
+def _check_choice(key: str, value, choices: Optional[tuple]):
+    if not choices or value in choices:
+        return
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}{hint}",
+                      key)
 
 
 def from_dict(data: dict) -> Config:
@@ -369,8 +400,8 @@ def from_dict(data: dict) -> Config:
     cfg = _build(Config, data)
     try:
         cfg.data.validate()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    except ValueError as e:  # "data.<key>: ..."
+        raise ConfigError(str(e), str(e).split(":", 1)[0]) from None
     _check_statistics(cfg)
     return cfg
 
@@ -382,7 +413,8 @@ def _check_statistics(cfg: Config):
         raise ConfigError(
             "model.norm_kwargs.using_moving_average is false, so the running statistics never "
             "change and validation would use their initial values: set "
-            "train.batch_average_samples > 0 (paper Sec. 4.1.3: 50000)")
+            "train.batch_average_samples > 0 (paper Sec. 4.1.3: 50000)",
+            "model.norm_kwargs.using_moving_average")
 
 
 def to_dict(cfg) -> dict:
@@ -432,15 +464,36 @@ def config_differences(stored: dict, cfg: Config) -> List[Tuple[str, Any, Any]]:
 
 def load_config(path: Optional[str], overrides: Optional[List[str]] = None) -> Config:
     """Load ``path`` (with its bases) and the overrides into a checked Config."""
-    data = _load_with_bases(path) if path else {}
-    data = apply_overrides(data, list(overrides or []))
-    try:
-        cfg = from_dict(data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    cfg = config_from_dict(_load_with_bases(path) if path else {}, overrides, path)
     if cfg.output_dir is None and path:
         cfg.output_dir = os.path.join("runs", os.path.splitext(os.path.basename(path))[0])
     return cfg
+
+
+def config_from_dict(data: dict, overrides: Optional[List[str]] = None,
+                     origin: Optional[str] = None) -> Config:
+    """``data`` with the overrides applied, checked. An error names where the bad value
+    came from: the command-line override that set its key, else ``origin`` (the file)."""
+    overrides = list(overrides or [])
+    data = apply_overrides(data, overrides)
+    try:
+        return from_dict(data)
+    except ConfigError as e:
+        item = _override_of(e.key, overrides)
+        where = f"override {item!r}" if item else origin
+        raise ConfigError(f"{where}: {e}" if where else str(e), e.key) from None
+
+
+def _override_of(key: Optional[str], overrides: List[str]) -> Optional[str]:
+    """The last override that set ``key`` (itself or a section above it), if any."""
+    if not key:
+        return None
+    key = key.split("[", 1)[0]
+    for item in reversed(overrides):
+        name = item.split("=", 1)[0].strip()
+        if key == name or key.startswith(name + "."):
+            return item
+    return None
 
 
 # -- derived values -----------------------------------------------------------------------------

@@ -23,7 +23,6 @@ import os
 import signal
 import sys
 import time
-import warnings
 from contextlib import nullcontext
 from typing import Dict, List, Optional
 
@@ -74,7 +73,8 @@ def model_from_config(cfg: Config) -> nn.Module:
         kwargs.setdefault("ghost_batch_size", ghost)
     return build_model(m.name, m.num_classes, m.norm, kwargs, zero_init_last=m.zero_init_last,
                        dropout=m.dropout, stem=m.stem, width=m.width,
-                       input_size=cfg.data.image_size, drop_path_rate=m.drop_path_rate)
+                       input_size=cfg.data.image_size, drop_path_rate=m.drop_path_rate,
+                       stem_pool=m.stem_pool)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -159,6 +159,7 @@ class Trainer:
         self.cfg, self.info = cfg, info
         self.device = info.device
         self.out = cfg.output_dir
+        self.started = time.perf_counter()  # the closing summary counts set-up too
         folder = folder or inspect_run_folder(cfg)
         if folder.complete:
             raise ValueError(folder.complete)
@@ -177,7 +178,8 @@ class Trainer:
     def _build_data(self):
         cfg, info = self.cfg, self.info
         if cfg.data.dataset == "demo" and cfg.data.root is None:
-            cfg.data.root = str(ensure_demo_dataset(None, cfg.data.demo_size))
+            cfg.data.root = str(ensure_demo_dataset(None, cfg.data.demo_size,
+                                                    variant=cfg.data.demo_variant))
         common = dict(rank=info.rank, world_size=info.world_size, seed=cfg.train.seed,
                       device=self.device)
         self.train_loader = build_loader(cfg.data, "train", cfg.batch.per_process, **common)
@@ -206,11 +208,12 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
         net = model
         if self.info.distributed:
-            with warnings.catch_warnings():  # torch 2.14 deprecates the name, keeps the meaning
-                warnings.filterwarnings("ignore", ".*broadcast_buffers.*deprecated", FutureWarning)
-                net = DistributedDataParallel(
-                    model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                    broadcast_buffers=False)  # each process keeps its own GPUs' statistics
+            # Each process keeps its own GPUs' statistics: no buffer broadcast before forward.
+            # (DDP still syncs the buffers once here, at construction, where every rank holds
+            # the same freshly initialised ones; a resumed checkpoint is loaded after.)
+            net = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                forward_sync_buffers=False)
         if cfg.train.compile:
             net = torch.compile(net, backend=cfg.train.compile_backend)
         self.net = net
@@ -298,7 +301,7 @@ class Trainer:
             return
         with open(path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
-        self.history = [r for r in rows if r["epoch"] < self.epoch]
+        self.history = [r for r in rows if r["epoch"] <= self.epoch]  # epochs count from 1
         with open(path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.history)
 
@@ -353,9 +356,12 @@ class Trainer:
                      f"({cfg.batch.gpus}, {cfg.batch.per_gpu}) on {self.info.world_size} "
                      f"process(es) x {cfg.batch.virtual_gpus} virtual GPU(s), lr {cfg.optim.lr:g}"
                      f", {len(self.train_loader)} iterations/epoch -> {self.out}")
+            first = (self.epoch, self.iter)  # where this process starts
             while self.epoch < cfg.train.epochs:
                 if not self._train_epoch():
                     break
+            if not self.stop_requested:
+                self._summary(first)
             return self.history[-1] if self.history else {}
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -369,12 +375,22 @@ class Trainer:
         epochs = self.cfg.train.ssn_radius_epochs or self.cfg.train.epochs
         return min(1.0, self.global_step / (epochs * len(self.train_loader)))
 
+    def _choose_crop(self):
+        """Resize + RandomCrop in the last ``data.resize_crop_last_epochs`` epochs."""
+        d, last = self.cfg.data, self.cfg.data.resize_crop_last_epochs
+        on = last > 0 and self.epoch >= self.cfg.train.epochs - last
+        if on != self.train_loader.resize_crop:
+            self.train_loader.set_resize_crop(on)
+            self.log(f"epoch {self.epoch + 1}: training crops are now Resize({d.val_resize}) + "
+                     f"RandomCrop({d.image_size}) (data.resize_crop_last_epochs={last})")
+
     def _train_epoch(self) -> bool:
         """One epoch (or its remainder); False when training must stop early."""
         cfg, loader = self.cfg, self.train_loader
         meters = _Meters(self.device, self.meters_state)
         self.meters_state = None
         self.net.train()
+        self._choose_crop()
         loader.set_epoch(self.epoch, self.iter)
         window = {"start": time.perf_counter(), "data": 0.0, "iters": 0}
         bad = torch.full((), -1, dtype=torch.long, device=self.device)
@@ -469,26 +485,30 @@ class Trainer:
         window.update(start=time.perf_counter(), data=0.0, iters=0)
 
     def _end_epoch(self, meters: _Meters):
-        cfg = self.cfg
+        """Reduce the epoch's sums, validate, log, save; then print the epoch's line."""
+        cfg, start = self.cfg, time.perf_counter()
         loss_sum, correct, n, bad = all_reduce_sum(meters.sums.tolist() + [float(meters.bad)],
                                                    self.device)
         seconds = meters.seconds
         average_running_stats(self.model)
-        metrics = {"epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"],
+        metrics = {"epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
                    "train_loss": loss_sum / max(n, 1), "train_top1": 100 * correct / max(n, 1),
                    "images_per_sec": n / seconds if seconds > 0 else 0.0, "seconds": seconds,
                    "train_bad_images": int(bad)}
         last_epoch = self.epoch + 1 == cfg.train.epochs or (
             cfg.train.max_iters is not None and self.global_step >= cfg.train.max_iters)
         if (self.epoch + 1) % cfg.train.eval_every == 0 or last_epoch:
+            tick = time.perf_counter()
             metrics.update(self.validate())
+            metrics["val_seconds"] = time.perf_counter() - tick
         self.epoch, self.iter = self.epoch + 1, 0
         best = metrics.get("val_top1", -1.0) > self.best_top1
         if best:
             self.best_top1, self.best_epoch = metrics["val_top1"], self.epoch
         self.history.append(metrics)
-        self._log_epoch(metrics)
+        self._log_epoch(metrics)  # metrics.jsonl before the checkpoint that skips past it
         self.save(best=best)
+        self._print_epoch(metrics, time.perf_counter() - start)
 
     def validate(self) -> Dict[str, float]:
         cfg = self.cfg
@@ -507,15 +527,11 @@ class Trainer:
         self.log(f"batch average: BN statistics from {int(n)} samples per layer")
 
     def _log_epoch(self, metrics: dict):
+        """metrics.jsonl and TensorBoard (scalars, SN ratios, ratio figures)."""
         if not self.info.main:
             return
         with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        val = (f" val top1 {metrics['val_top1']:.2f}% top5 {metrics['val_top5']:.2f}% "
-               f"({metrics['val_count']} images)" if "val_top1" in metrics else "")
-        self.log(f"epoch {self.epoch}/{self.cfg.train.epochs} done in {_hms(metrics['seconds'])}: "
-                 f"train loss {metrics['train_loss']:.4f} top1 {metrics['train_top1']:.2f}%{val} "
-                 f"{metrics['images_per_sec']:.1f} img/s")
         for key, value in metrics.items():
             if key != "epoch" and isinstance(value, (int, float)):
                 self._scalar(f"epoch/{key}", value, self.epoch)
@@ -527,6 +543,35 @@ class Trainer:
             from analysis import ratio_figures  # matplotlib: imported only when needed
             for tag, figure in ratio_figures(self.model, f"epoch {self.epoch}").items():
                 self.writer.add_figure(tag, figure, self.epoch)
+
+    def _print_epoch(self, metrics: dict, after: float):
+        """The epoch's line; its time is the whole epoch: training, then ``after`` seconds of
+        validation, logs and checkpoint."""
+        val = (f"; val top1 {metrics['val_top1']:.2f}% top5 {metrics['val_top5']:.2f}% "
+               f"({metrics['val_count']} images)" if "val_top1" in metrics else "")
+        val_s = metrics.get("val_seconds", 0.0)
+        self.log(f"epoch {self.epoch}/{self.cfg.train.epochs} done in "
+                 f"{_hms(metrics['seconds'] + after)} (train {_hms(metrics['seconds'])} at "
+                 f"{metrics['images_per_sec']:.1f} img/s, val {_hms(val_s)}, checkpoint and "
+                 f"logs {_hms(after - val_s)}): train loss {metrics['train_loss']:.4f} top1 "
+                 f"{metrics['train_top1']:.2f}%{val}")
+
+    def _summary(self, first: tuple):
+        """The closing lines: the best top-1 and its epoch, the time, where the outputs are."""
+        if not self.info.main:
+            return
+        last = next((r for r in reversed(self.history) if "val_top1" in r), None)
+        resumed = f", resumed in epoch {first[0] + 1}" if first != (0, 0) else ""
+        stopped = (f" (stopped at train.max_iters={self.cfg.train.max_iters})"
+                   if self.epoch < self.cfg.train.epochs else "")
+        best = (f"best val top-1 {self.best_top1:.2f}% at epoch {self.best_epoch}, last "
+                f"{last['val_top1']:.2f}%" if last else "not validated")
+        self.log(f"finished epoch {self.epoch}/{self.cfg.train.epochs}{stopped} in "
+                 f"{_hms(time.perf_counter() - self.started)} (set-up included{resumed}): "
+                 f"{best}")
+        self.log(f"outputs in {self.out.rstrip('/')}/: metrics.jsonl, checkpoint_best.pth, "
+                 f"checkpoint_last.pth, config.yaml" + (", tb/ (tensorboard --logdir "
+                 f"{self.out}/tb)" if self.writer is not None else ""))
 
 
 def _hms(seconds: float) -> str:

@@ -11,12 +11,12 @@ norm layers registered as leaves, ``FX_LEAF_MODULES``).
 from .checkpoint import load_model
 from .layers import POOL_TYPES, DropPath, GlobalPool2d
 from .registry import FX_LEAF_MODULES, TIMM_NAMES, build_model, list_models
-from .resnet_v1 import BasicBlock, Bottleneck, ResNetBase, ResNetV1
+from .resnet_v1 import STEM_POOLS, STEMS, BasicBlock, Bottleneck, ResNetBase, ResNetV1
 from .resnet_v2 import PreActBasicBlock, PreActBottleneck, ResNetV2
 
 __all__ = [
     "build_model", "list_models", "load_model", "TIMM_NAMES", "FX_LEAF_MODULES",
     "ResNetBase", "ResNetV1", "ResNetV2",
     "BasicBlock", "Bottleneck", "PreActBasicBlock", "PreActBottleneck",
-    "GlobalPool2d", "DropPath", "POOL_TYPES",
+    "GlobalPool2d", "DropPath", "POOL_TYPES", "STEMS", "STEM_POOLS",
 ]

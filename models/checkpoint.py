@@ -8,7 +8,10 @@
   (``resnetv1sn50``, ``resnetv2sn101``, ``resnetv1ssn50`` ...). ``using_bn``
   follows from the length of the ratio vectors, and the layers use the
   authors' variance convention (unbiased IN variance) so that the outputs are
-  those of their own model code.
+  those of their own model code. Their SSN networks (``resnetv1ssn*``, or any
+  file whose layers hold ``mean_fixed``) pool the stem with
+  ``MaxPool2d(3, 2, padding=0, ceil_mode=True)`` (Sparse_SwitchNorm's
+  ``ResNetV1SSN``): they are built with ``stem_pool="ceil"``.
 
 ``pretrained_source`` and ``load_pretrained_weights`` serve
 ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``
@@ -34,7 +37,7 @@ __all__ = ["load_model", "model_from_state", "authors_state_dict", "load_weights
 _AUTHORS_ARCH = re.compile(r"^resnetv([12])(s?sn)(\d+)$")
 _AUTHORS_NORM_NAME = re.compile(r"(^|\.)sn(\d+|_out)\.")
 _BUILD_KEYS = ("name", "num_classes", "norm", "norm_kwargs", "zero_init_last", "dropout", "stem",
-               "width", "input_size", "in_chans", "global_pool", "drop_path_rate")
+               "width", "input_size", "in_chans", "global_pool", "drop_path_rate", "stem_pool")
 
 
 def _is_ours(state: dict) -> bool:
@@ -73,6 +76,8 @@ def _authors_kwargs(path: str, state: dict, sd: Dict[str, torch.Tensor]) -> dict
         norm_kwargs["using_bn"] = False
     kwargs["norm_kwargs"] = norm_kwargs
     kwargs.setdefault("norm", "sn")
+    if kwargs["norm"] == "ssn":  # their ResNetV1SSN's stem pool
+        kwargs["stem_pool"] = "ceil"
     return kwargs
 
 

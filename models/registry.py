@@ -54,7 +54,7 @@ def build_model(name: str, num_classes: int = 1000, norm: str = "sn",
                 norm_kwargs: Optional[dict] = None, *, zero_init_last: bool = True,
                 dropout: float = 0.0, stem: str = "imagenet", width: int = 64,
                 input_size: Optional[int] = 224, in_chans: int = 3, global_pool: str = "avg",
-                drop_path_rate: float = 0.0) -> nn.Module:
+                drop_path_rate: float = 0.0, stem_pool: str = "torchvision") -> nn.Module:
     """The ResNet ``name`` with normalizer ``norm`` (see ``models.ResNetBase`` for the
     arguments). Unknown names raise ``ValueError`` listing the valid ones."""
     if name not in _MODELS:
@@ -64,7 +64,8 @@ def build_model(name: str, num_classes: int = 1000, norm: str = "sn",
     cls, block, layers = _MODELS[name]
     return cls(block, layers, num_classes, norm, norm_kwargs, zero_init_last=zero_init_last,
                dropout=dropout, stem=stem, width=width, input_size=input_size,
-               in_chans=in_chans, global_pool=global_pool, drop_path_rate=drop_path_rate)
+               in_chans=in_chans, global_pool=global_pool, drop_path_rate=drop_path_rate,
+               stem_pool=stem_pool)
 
 
 # -- timm ---------------------------------------------------------------------------

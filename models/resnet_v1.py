@@ -30,13 +30,19 @@ from normalization import SWITCH_LAYERS, get_norm_layer
 from .layers import DropPath, GlobalPool2d, checkpoint_blocks, drop_path_rates, take_indices
 
 __all__ = ["ResNetBase", "ResNetV1", "BasicBlock", "Bottleneck", "conv1x1", "conv3x3", "STEMS",
-           "make_drop_path"]
+           "STEM_POOLS", "make_stem_pool", "make_drop_path"]
 
 NormLayer = Callable[[int], nn.Module]
 
 #: ``imagenet``: 7x7 stride-2 conv and 3x3 stride-2 max-pool; ``small``: one 3x3
 #: stride-1 conv and no pooling, for 32-64 px images.
 STEMS = ("imagenet", "small")
+
+#: The ``imagenet`` stem's 3x3 stride-2 max-pool: ``torchvision`` pads by 1 (torchvision's
+#: ResNet, the authors' ResNetV1SN/V2SN); ``ceil`` has no padding and rounds the output size
+#: up, as the authors' ResNetV1SSN (Sparse_SwitchNorm, ``models/resnet_v1_ssn.py``) and
+#: Caffe's pooling. Same output size at 224 px; most pooled values differ.
+STEM_POOLS = ("torchvision", "ceil")
 
 # Arguments of the SN family that BN also takes, kept when practice 5 swaps SN for BN.
 # (SN's momentum follows the authors' opposite convention, so it is not carried over.)
@@ -60,6 +66,20 @@ def make_drop_path(drop_prob: float) -> Optional[DropPath]:
 def _downsampled(size: int, stride: int) -> int:
     """Output size of our strided convs and pools (3x3/pad 1, 1x1/pad 0, 7x7/pad 3)."""
     return (size - 1) // stride + 1
+
+
+def _ceil_pooled(size: int) -> int:
+    """Output size of the ``ceil`` stem pool (3x3, stride 2, no padding, ceil mode)."""
+    return (size - 2) // 2 + 1
+
+
+def make_stem_pool(stem: str = "imagenet", stem_pool: str = "torchvision") -> nn.Module:
+    """The stem's max-pool (see ``STEM_POOLS``); the ``small`` stem has none."""
+    if stem == "small":
+        return nn.Identity()
+    if stem_pool == "ceil":
+        return nn.MaxPool2d(3, stride=2, padding=0, ceil_mode=True)
+    return nn.MaxPool2d(3, stride=2, padding=1)
 
 
 class BasicBlock(nn.Module):
@@ -162,6 +182,8 @@ class ResNetBase(nn.Module):
         zero_init_last: call every block's ``zero_init_last()`` (each starts as its shortcut).
         dropout: probability of the dropout before ``fc`` (paper Table 11, practice 3).
         stem: ``"imagenet"`` or ``"small"`` (see ``STEMS``).
+        stem_pool: the ``imagenet`` stem's max-pool, ``"torchvision"`` (padding 1) or
+            ``"ceil"`` (no padding, ceil mode: the authors' ResNetV1SSN); see ``STEM_POOLS``.
         width: channels of the stem and of the first stage (64 as in the paper);
             the stages have ``width * (1, 2, 4, 8) * expansion`` output channels.
         input_size: the training crop; norm positions with a 1x1 feature map at
@@ -179,13 +201,15 @@ class ResNetBase(nn.Module):
                  norm: str = "sn", norm_kwargs: Optional[dict] = None, *,
                  zero_init_last: bool = True, dropout: float = 0.0, stem: str = "imagenet",
                  width: int = 64, input_size: Optional[int] = 224, in_chans: int = 3,
-                 global_pool: str = "avg", drop_path_rate: float = 0.0):
+                 global_pool: str = "avg", drop_path_rate: float = 0.0,
+                 stem_pool: str = "torchvision"):
         super().__init__()
         norm_kwargs = dict(norm_kwargs or {})
         _check_args(layers, stem, width, dropout, norm_kwargs)
+        _check_stem_pool(stem, stem_pool)
         norm_layer = get_norm_layer(norm, **norm_kwargs)
         self.norm_name, self.norm_kwargs = norm, norm_kwargs
-        self.stem, self.num_classes = stem, num_classes
+        self.stem, self.stem_pool, self.num_classes = stem, stem_pool, num_classes
         self.inplanes = width
         self.grad_checkpointing = False
 
@@ -194,7 +218,7 @@ class ResNetBase(nn.Module):
                       nn.Conv2d(in_chans, width, 7, stride=2, padding=3, bias=False))
         self.bn1 = norm_layer(width)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.Identity() if small else nn.MaxPool2d(3, stride=2, padding=1)
+        self.maxpool = make_stem_pool(stem, stem_pool)
         rates = iter(drop_path_rates(drop_path_rate, sum(int(n) for n in layers)))
         for i, blocks in enumerate(layers):
             stage = self._make_layer(block, width * 2 ** i, blocks, 1 if i == 0 else 2,
@@ -272,7 +296,8 @@ class ResNetBase(nn.Module):
         imagenet = self.stem == "imagenet"
         size = _downsampled(input_size, 2) if imagenet else input_size
         sizes = {"bn1": size}
-        size = _downsampled(size, 2) if imagenet else size
+        if imagenet:
+            size = _ceil_pooled(size) if self.stem_pool == "ceil" else _downsampled(size, 2)
         for i in range(1, 5):
             for j, block in enumerate(getattr(self, f"layer{i}")):
                 for name, stride in block.norm_strides().items():
@@ -425,6 +450,14 @@ class ResNetBase(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def _check_stem_pool(stem: str, stem_pool: str):
+    if stem_pool not in STEM_POOLS:
+        raise ValueError(f"unknown stem_pool {stem_pool!r}; valid: {', '.join(STEM_POOLS)}")
+    if stem == "small" and stem_pool != "torchvision":
+        raise ValueError(f"stem_pool={stem_pool!r} needs stem='imagenet' (the small stem has "
+                         "no pooling)")
 
 
 def _check_args(layers: Sequence[int], stem: str, width: int, dropout: float, norm_kwargs: dict):

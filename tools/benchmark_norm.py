@@ -173,6 +173,9 @@ def main(argv=None):
             rows.append((shape, res))
             results.append({"device": dev, "mode": mode, "shape": list(shape), "ms": res})
         print_table(f"{dev} {mode}", rows, norms)
+    if any(dev == "cuda" for dev, _ in runs):
+        from normalization.ops import triton_status
+        print("\nTriton self-check (SN_TRITON=auto):", triton_status() or "not used")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

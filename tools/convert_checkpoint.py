@@ -45,7 +45,7 @@ __all__ = ["read_checkpoint", "checkpoint_config", "our_checkpoint",
            "write_safetensors", "is_safetensors", "convert", "main"]
 
 _MODEL_KEYS = ("name", "norm", "num_classes", "norm_kwargs", "zero_init_last", "dropout",
-               "stem", "width")
+               "stem", "width", "stem_pool")
 
 
 # -- reading ------------------------------------------------------------------------------------

@@ -158,3 +158,59 @@ def test_readme_lists_the_resumable_keys():
     training = readme[readme.index("## Training"):readme.index("### Batch settings")]
     for key in RESUMABLE_KEYS:
         assert f"`{key}`" in training or f"`{key.split('.')[0]}.*`" in training, key
+
+
+def test_config_names_are_the_registries():
+    """The names the config accepts without importing torch are the ones the factories build."""
+    from engine.config import MODEL_NAMES, NORM_NAMES
+    from models import list_models
+    from normalization import list_norms
+    assert list(NORM_NAMES) == list_norms() and list(MODEL_NAMES) == list_models()
+
+
+def _train_cli(capsys, *argv):
+    """train.py's main in this process: (exit status, stdout, stderr)."""
+    import train
+    status = train.main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.norm=sm", "model.norm: 'sm' is not one of bn, syncbn, gn, in, ln, sn, syncsn, ssn, "
+                      "none; did you mean 'sn'?"),
+    ("model.name=resnet19_v1", "model.name: 'resnet19_v1' is not one of resnet18_v1,"),
+    ("data.dataset=imagenette", "data.dataset: 'imagenette' is not one of imagenet, demo"),
+])
+def test_print_config_rejects_unknown_names(capsys, override, message):
+    """--print-config checks what a run checks: an unknown normalizer, model or dataset."""
+    demo = os.path.join(ROOT, "configs/demo/resnet_sn.yaml")
+    status, out, err = _train_cli(capsys, "--config", demo, "--print-config", override)
+    assert (status, out) == (2, "")
+    assert err == f"error: override {override!r}: {message}" + err.split(message, 1)[1]
+    assert err.count("\n") == 1
+
+
+def test_override_errors_name_the_override_and_file_errors_the_file(capsys, tmp_path):
+    demo = os.path.join(ROOT, "configs/demo/resnet_sn.yaml")
+    status, _, err = _train_cli(capsys, "--config", demo, "train.epoch=3")
+    assert status == 2 and err == ("error: override 'train.epoch=3': unknown config key "
+                                   "'train.epoch'; did you mean 'train.epochs'?\n")
+    bad = _write(tmp_path / "bad.yaml", {"_base_": demo, "model": {"norm": "sm"}})
+    status, _, err = _train_cli(capsys, "--config", bad, "train.epochs=3", "--print-config")
+    assert status == 2 and err.startswith(f"error: {bad}: model.norm: 'sm' is not one of")
+    status, _, err = _train_cli(capsys, "--config", bad, "model={norm: gn, widht: 8}")
+    assert err.startswith("error: override 'model={norm: gn, widht: 8}': unknown config key "
+                          "'model.widht'; did you mean 'model.width'?")
+
+
+@pytest.mark.parametrize("args", [["--help-config"],
+                                  ["--config", "configs/demo/resnet_sn.yaml", "--print-config"]])
+def test_help_and_print_config_do_not_import_torch(args):
+    """They answer at once: torch (seconds to import) is not on their path."""
+    code = ("import runpy, sys; sys.modules['torch'] = None; "  # any 'import torch' fails
+            f"sys.argv = ['train.py'] + {args!r}; runpy.run_path('train.py', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "resnet" in proc.stdout and "norm" in proc.stdout and proc.stderr == ""

@@ -32,7 +32,8 @@ def tiny(tmp_path_factory):
                                val_per_class=6)
     cfg = {
         "data": {"dataset": "imagenet", "root": str(root), "image_size": 32, "val_resize": 36,
-                 "val_crop": 32, "min_scale": 0.5, "workers": 0, "backend": "torchvision"},
+                 "val_crop": 32, "min_scale": 0.5, "workers": 0, "backend": "torchvision",
+                 "resize_crop_last_epochs": 1},  # the SSN recipe's switch, in epoch 2
         "model": {"name": "resnet18_v1", "norm": "sn", "num_classes": 4, "width": 8,
                   "stem": "small", "dropout": 0.2},
         "batch": {"gpus": 2, "per_gpu": 8},
@@ -87,7 +88,7 @@ def test_outputs_of_a_run(reference_run):
         assert os.path.isfile(os.path.join(out, name)), name
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(out, "tb")))
     rows = _metrics(out)
-    assert [r["epoch"] for r in rows] == [0, 1]
+    assert [r["epoch"] for r in rows] == [1, 2]  # counted from 1, as on the console
     for key in ("epoch", "lr", "train_loss", "val_top1", "val_top5", "images_per_sec", "seconds"):
         assert key in rows[0]
     assert rows[-1]["val_count"] == 24  # every validation image exactly once
@@ -97,6 +98,16 @@ def test_outputs_of_a_run(reference_run):
     resolved = yaml.safe_load(open(os.path.join(out, "config.yaml")))
     assert resolved["optim"]["lr"] == pytest.approx(0.4 * 16 / 256)
     assert "iter 6/6" in proc.stdout and "eta" in proc.stdout and "img/s" in proc.stdout
+    assert proc.stdout.count("training crops are now Resize(36) + RandomCrop(32)") == 1
+    # each epoch's time is the whole epoch's; the run ends with a summary
+    assert "epoch 2/2 done in 0:" in proc.stdout and ", val 0:" in proc.stdout
+    assert ", checkpoint and logs 0:" in proc.stdout
+    best = max(rows, key=lambda r: r["val_top1"])
+    summary = proc.stdout.splitlines()[-2:]
+    assert summary[0].startswith("finished epoch 2/2 in 0:")
+    assert summary[0].endswith(f": best val top-1 {best['val_top1']:.2f}% at epoch "
+                               f"{best['epoch']}, last {rows[-1]['val_top1']:.2f}%")
+    assert summary[1].startswith(f"outputs in {out}/: metrics.jsonl, checkpoint_best.pth")
 
 
 def test_kill_and_resume_equals_uninterrupted(tiny, reference_run, tmp_path):
@@ -159,6 +170,8 @@ def two_process_run(tiny, tmp_path_factory):
 def test_torchrun_two_processes_and_evaluate(two_process_run, tmp_path):
     out, proc = two_process_run
     assert "on 2 process(es) x 1 virtual GPU(s)" in proc.stdout
+    assert "Warning" not in proc.stderr, proc.stderr  # e.g. DDP's broadcast_buffers, per rank
+    assert proc.stdout.count("finished epoch 1/1") == 1  # rank 0 only
     rows = _metrics(out)
     assert rows[-1]["val_count"] == 24
     ckpt = os.path.join(out, "checkpoint_last.pth")
@@ -198,9 +211,26 @@ def test_demo_config_under_torchrun_on_generated_data(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "on 2 process(es) x 2 virtual GPU(s)" in proc.stdout  # (4, 16) on 2 processes
+    generating = [line for line in proc.stdout.splitlines() if "generating the demo" in line]
+    assert len(generating) == 1  # by the one rank that generates it, the other one waits
+    assert generating[0].startswith(f"generating the demo dataset (3500 images of 72 px) "
+                                    f"into {tmp_path / 'cache'}")
+    assert " 50% " in generating[0] and " 100% (" in generating[0]
     assert "iter 3/" in proc.stdout
     rows = _metrics(tmp_path / "run")
     assert rows[-1]["val_count"] == 500
+
+
+def test_demo_dataset_generation_says_what_it_does(tmp_path, capfd):
+    """The first run is not silent while it draws the demo images: one line, with progress."""
+    from data import ensure_demo_dataset
+    root = ensure_demo_dataset(str(tmp_path / "demo"), size=24, num_classes=2, train_per_class=4,
+                               val_per_class=1)
+    out = capfd.readouterr().out
+    assert out.startswith(f"generating the demo dataset (10 images of 24 px) into {root}: ")
+    assert " 100% (" in out and out.endswith(" s)\n") and out.count("\n") == 1
+    ensure_demo_dataset(str(root), size=24, num_classes=2, train_per_class=4, val_per_class=1)
+    assert capfd.readouterr().out == ""  # already there: nothing to say
 
 
 def test_demo_config_with_dali_on_the_cpu(tiny, tmp_path):
@@ -229,7 +259,7 @@ def test_run_folder_complete_or_refused_touches_nothing(tiny, reference_run, tmp
     done = _train(tiny, out)
     best = max(_metrics(out), key=lambda r: r["val_top1"])
     assert done.stdout.startswith(f"run already complete: best top-1 {best['val_top1']:.2f}% "
-                                  f"at epoch {best['epoch'] + 1} ")
+                                  f"at epoch {best['epoch']} ")
     refused = _train(tiny, out, "train.epochs=1", "model.norm=gn", check=False)
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1
     assert "model.norm 'sn' -> 'gn'" in refused.stderr and "train.epochs" not in refused.stderr
@@ -284,6 +314,10 @@ def test_unreadable_images_keep_two_ranks_in_step(tiny, tmp_path):
     # 2 processes x 1 thread (OMP_NUM_THREADS=1): a warning only on a 1-core machine
     assert ("torch threads =" in err) == (len(os.sched_getaffinity(0)) < 2)
     assert "epoch 1/1 iter 6/6" in out and "replaced by another image" in err
+    warned = [line for line in err.splitlines() if "unreadable image" in line]
+    assert len(warned) == len(set(bad)) and all(line.startswith("warning: ") for line in warned)
+    assert sorted(line.split()[3] for line in warned) == sorted(map(str, set(bad)))
+    assert "loader:" not in err  # no source line of a Python warning
     row = _metrics(tmp_path / "run")[0]
     assert (row["train_bad_images"], row["bad_images"], row["val_count"]) == (17, 1, 23)
 
