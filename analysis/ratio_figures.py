@@ -312,8 +312,12 @@ def _layer_axis(ax, infos: Sequence[LayerInfo], rf_known: bool):
 def average_figure(snaps: Sequence[RatioSnapshot], title: Optional[str] = None) -> Figure:
     """Fig. 1/4: network-averaged ratios of IN, LN, BN; a bar group per snapshot."""
     n = max(len(snaps), 1)
-    fig = Figure(figsize=(max(6.0, 2.2 + 1.5 * n * 2), 4.2), layout="constrained")
-    axes = fig.subplots(1, 2, sharey=True)
+    if n <= 3:  # mu and sigma side by side
+        fig = Figure(figsize=(max(6.0, 2.2 + 1.5 * n * 2), 4.2), layout="constrained")
+        axes = fig.subplots(1, 2, sharey=True)
+    else:  # many groups: mu above sigma, so the figure keeps a readable shape
+        fig = Figure(figsize=(max(6.0, 2.0 + 1.1 * n), 7.0), layout="constrained")
+        axes = fig.subplots(2, 1, sharex=True)
     width = 0.8 / len(NORMALIZERS)
     for ax, (stat, stat_label) in zip(axes, STATS):
         for g, snap in enumerate(snaps):
@@ -327,7 +331,8 @@ def average_figure(snaps: Sequence[RatioSnapshot], title: Optional[str] = None) 
         ax.set_title(f"importance weights of {stat_label}", fontsize=10)
         ax.set_ylim(0, 1.05)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].set_ylabel("ratio averaged over SN layers")
+    for ax in axes if n > 3 else axes[:1]:
+        ax.set_ylabel("ratio averaged over SN layers")
     axes[1].legend(handles=_legend_handles(()), loc="upper right", fontsize=8)
     layers = sorted({len(s.ratios) for s in snaps})
     fig.suptitle(title or "Importance weights of IN, LN, BN averaged over all SN layers "

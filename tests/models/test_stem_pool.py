@@ -116,7 +116,9 @@ def test_ssn_zoo_configs_follow_the_authors_network(path):
         data = yaml.safe_load(f)
     assert data["model"]["dropout"] == 0.5  # their classifier: Dropout(p=0.5)
     assert data["data"]["color_jitter"] == 0.4  # their ColorJitter(0.4, 0.4, 0.4)
-    if not _schema_has_stem_pool():
-        pytest.skip("engine/config.py has no model.stem_pool key yet (issue 10)")
+    assert _schema_has_stem_pool()
     cfg = load_config(path, ["data.root=/data/imagenet"])
     assert cfg.model.stem_pool == "ceil" and cfg.model.dropout == 0.5
+    # their last 5 epochs: Resize(256) + RandomCrop(224)
+    assert (cfg.data.resize_crop_last_epochs, cfg.data.val_resize, cfg.data.image_size) == \
+        (5, 256, 224)
