@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import ops
+from .functional import _chunk_sum, _chunks as _sizes, _per_sample  # ghost-batch chunks
 
 __all__ = ["FastSwitchNorm", "LayerSpec"]
 
@@ -46,29 +47,6 @@ class LayerSpec(NamedTuple):
     ghost: Optional[int]
     group: Optional[str]             # process-group name when synchronised
     out_dtype: Optional[torch.dtype]
-
-
-def _sizes(n: int, ghost: Optional[int]) -> List[int]:
-    if ghost is None or ghost >= n:
-        return [n]
-    full, rest = divmod(n, ghost)
-    return [ghost] * full + ([rest] if rest else [])
-
-
-def _chunk_sum(t: Tensor, sizes: Sequence[int]) -> Tensor:
-    if len(sizes) == 1:
-        return t.sum(0, keepdim=True)
-    g, full = sizes[0], sum(1 for s in sizes if s == sizes[0])
-    sums = t[:g * full].unflatten(0, (full, g)).sum(1)
-    return sums if full == len(sizes) else torch.cat([sums, t[g * full:].sum(0, keepdim=True)])
-
-
-def _per_sample(t: Tensor, sizes: Sequence[int]) -> Tensor:
-    if len(sizes) == 1:
-        return t
-    g, full = sizes[0], sum(1 for s in sizes if s == sizes[0])
-    out = t[:full].unsqueeze(1).expand(full, g, t.shape[1]).reshape(full * g, t.shape[1])
-    return out if full == len(sizes) else torch.cat([out, t[full:].expand(sizes[-1], -1)])
 
 
 def _pooled(mu: Tensor, var: Tensor, dim: int) -> Tuple[Tensor, Tensor]:

@@ -203,12 +203,14 @@ def test_conv_init_is_kaiming_fan_out():
     assert abs(conv.weight.std().item() / expected - 1) < 0.02
 
 
-@pytest.mark.parametrize("name,stem,size", [("resnet18_v1", "imagenet", 64),
-                                            ("resnet50_v1", "imagenet", 57),
-                                            ("resnet34_v2", "small", 33),
-                                            ("resnet50_v2", "imagenet", 64)])
-def test_norm_sizes_match_real_feature_maps(name, stem, size):
-    model = build_model(name, norm="gn", width=8, stem=stem)
+@pytest.mark.parametrize("name,stem,size,pool", [
+    ("resnet18_v1", "imagenet", 64, "torchvision"), ("resnet50_v1", "imagenet", 57, "torchvision"),
+    ("resnet34_v2", "small", 33, "torchvision"), ("resnet50_v2", "imagenet", 64, "torchvision"),
+    # the authors' SSN stem pool (no padding, ceil mode) changes the sizes after it
+    ("resnet18_v1", "imagenet", 57, "ceil"), ("resnet50_v2", "imagenet", 57, "ceil"),
+    ("resnet18_v1", "imagenet", 64, "ceil")])
+def test_norm_sizes_match_real_feature_maps(name, stem, size, pool):
+    model = build_model(name, norm="gn", width=8, stem=stem, stem_pool=pool)
     seen = {}
     for n in model.norm_names():
         model.get_submodule(n).register_forward_pre_hook(

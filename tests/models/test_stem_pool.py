@@ -50,18 +50,6 @@ def test_default_pool_is_unchanged_and_differs_from_ceil():
     assert (a != b).float().mean() > 0.3  # ... but other windows: most values differ
 
 
-@pytest.mark.parametrize("name,size", [("resnet18_v1", 57), ("resnet50_v2", 57),
-                                       ("resnet18_v1", 64)])
-def test_norm_sizes_follow_the_ceil_pool(name, size):
-    model = build_model(name, norm="gn", width=8, stem_pool="ceil")
-    seen = {}
-    for n in model.norm_names():
-        model.get_submodule(n).register_forward_pre_hook(
-            lambda m, i, n=n: seen.__setitem__(n, tuple(i[0].shape[-2:])))
-    model(torch.randn(1, 3, size, size))
-    assert seen == {n: (s, s) for n, s in model.norm_sizes(size).items()}
-
-
 def test_stem_pool_errors():
     with pytest.raises(ValueError, match="valid: torchvision, ceil"):
         build_model("resnet18_v1", stem_pool="caffe")
