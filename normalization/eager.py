@@ -26,7 +26,7 @@ gradient. State passes only through ``ctx.save_for_backward`` and constants on
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
