@@ -118,7 +118,8 @@ class TorchvisionLoader(Loader):
         if on == self.resize_crop:
             return
         if self._transforms[on] is None:
-            raise ValueError("this loader has no Resize + RandomCrop transform (validation)")
+            raise ValueError("this loader has no Resize + RandomCrop transform (validation, "
+                             "or data.image_size larger than data.val_resize)")
         # Persistent workers hold a copy of the dataset: new workers see the new transform.
         self._dataset.transform = self._transforms[on]
         self.resize_crop = on
@@ -282,4 +283,4 @@ def build_loader(cfg: DataConfig, split: str, batch_size: int, *, rank: int = 0,
                              mean=cfg.mean, std=cfg.std, on_bad_image=cfg.on_bad_image,
                              reason=reason, replace_bad=train,
                              resize_crop_transform=build_preset(cfg, split, resize_crop=True)
-                             .prepare if train else None)
+                             .prepare if train and cfg.image_size <= cfg.val_resize else None)

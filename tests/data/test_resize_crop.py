@@ -90,3 +90,14 @@ def test_config_checks_the_crop_fits():
     with pytest.raises(ValueError, match="larger than data.val_resize"):
         DataConfig(dataset="demo", resize_crop_last_epochs=5, image_size=64, val_resize=60,
                    val_crop=56).validate()
+
+
+def test_a_crop_larger_than_val_resize_builds_without_the_switch(folder_root):
+    """The Resize + RandomCrop transform is only built where it fits: a config that never
+    switches (resize_crop_last_epochs 0) may crop larger than its validation resize."""
+    cfg = DataConfig(root=str(folder_root), backend="torchvision", workers=0, image_size=32,
+                     val_resize=28, val_crop=24)
+    loader = build_loader(cfg, "train", 4)
+    assert next(iter(loader))[0].shape == (4, 3, 32, 32)
+    with pytest.raises(ValueError, match="larger than data.val_resize"):
+        loader.set_resize_crop(True)
