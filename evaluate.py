@@ -51,6 +51,7 @@ def _config(args, state):
 def run(args) -> dict:
     from data import build_loader, ensure_demo_dataset
     from engine.distributed import init_distributed
+    from engine.host_memory import keep_freed_memory
     from engine.trainer import evaluate
     from models.checkpoint import model_from_state
     import normalization
@@ -58,6 +59,8 @@ def run(args) -> dict:
     state = load_checkpoint(args.checkpoint)
     cfg = resolve(_config(args, state), int(os.environ.get("WORLD_SIZE", "1")))
     info = init_distributed(cfg.train.device)
+    if info.device.type == "cpu":
+        keep_freed_memory()
     if cfg.data.dataset == "demo" and cfg.data.root is None:
         cfg.data.root = str(ensure_demo_dataset(None, cfg.data.demo_size))
     model = model_from_state(args.checkpoint, state)[0].to(info.device)

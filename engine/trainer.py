@@ -41,6 +41,7 @@ from .config import Config, config_fingerprint, format_config, to_dict
 from .distributed import (DistInfo, all_gather_floats, all_reduce_max, all_reduce_sum,
                           average_running_stats, broadcast_flag, gather_rng_states, set_rng_state,
                           thread_oversubscription)
+from .host_memory import keep_freed_memory
 from .optim import build_optimizer, build_scheduler, clip_gradients
 from .runfolder import RunFolder, inspect_run_folder
 
@@ -158,6 +159,8 @@ class Trainer:
     def __init__(self, cfg: Config, info: DistInfo, folder: Optional[RunFolder] = None):
         self.cfg, self.info = cfg, info
         self.device = info.device
+        if self.device.type == "cpu":
+            keep_freed_memory()     # no page faults on every step's buffers (host_memory.py)
         self.out = cfg.output_dir
         self.started = time.perf_counter()  # the closing summary counts set-up too
         folder = folder or inspect_run_folder(cfg)

@@ -49,11 +49,13 @@ class LayerSpec(NamedTuple):
     out_dtype: Optional[torch.dtype]
 
 
-def _pooled(mu: Tensor, var: Tensor, dim: int) -> Tuple[Tensor, Tensor]:
-    """Eq. (4) with deviations: ``mean(mu)``, ``mean(var + (mu - mean)^2)``."""
+def _pool(mu: Tensor, var: Tensor, dim: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Eq. (4) with deviations over ``dim``: ``mean(mu)``, ``mean(var + dev^2)`` and
+    ``dev = mu - mean`` (kept for the backward)."""
     inv_n = 1.0 / mu.shape[dim]
-    mean = mu.sum(dim, keepdim=True) * inv_n
-    return mean, (var + (mu - mean).square()).sum(dim, keepdim=True) * inv_n
+    mean = mu.sum(dim, keepdim=True).mul_(inv_n)
+    dev = mu - mean
+    return mean, torch.addcmul(var, dev, dev).sum(dim, keepdim=True).mul_(inv_n), dev
 
 
 def _bessel(n):
@@ -64,13 +66,17 @@ def _bessel(n):
 
 
 class _Batch(NamedTuple):
-    """BN statistics of one forward: per-chunk mean, var, count (k, C), (k, 1), their
-    per-sample expansions, and the factor applied to the variance (pooled Bessel)."""
+    """BN statistics of one forward: per-chunk mean, var, count (k, C), (k, C), (k, 1);
+    the per-sample mean and var (broadcastable to (N, C)), ``dev = mu - mean`` per sample,
+    and the factor applied to the variance (pooled Bessel; 1.0 without)."""
     mean: Tensor
     var: Tensor
     count: Tensor
     sizes: List[int]
-    factor: Tensor
+    mean_ps: Tensor
+    var_ps: Tensor
+    dev: Tensor
+    factor: object
 
 
 def _batch_forward(mu: Tensor, v_in: Tensor, spec: LayerSpec, shift: Optional[Tensor],
@@ -79,42 +85,32 @@ def _batch_forward(mu: Tensor, v_in: Tensor, spec: LayerSpec, shift: Optional[Te
     sizes = _sizes(n, spec.ghost)
     if spec.group is not None:
         d = mu - shift
-        packed = _chunk_sum(torch.cat([d, v_in + d.square(), torch.ones_like(mu[:, :1])], 1),
-                            sizes)
+        packed = _chunk_sum(torch.cat([d, torch.addcmul(v_in, d, d), torch.ones_like(mu[:, :1])],
+                                      1), sizes)
         dist.all_reduce(packed, group=dist.distributed_c10d._resolve_process_group(spec.group))
         count = packed[:, -1:]
         mean_d = packed[:, :c] / count
         mean, var = mean_d + shift, (packed[:, c:2 * c] / count - mean_d.square()).clamp_min(0)
+        dev = mu - _per_sample(mean, sizes)
     elif len(sizes) == 1:
         count = mu.new_full((1, 1), n)
-        mean, var = _pooled(mu, v_in, 0)
+        mean, var, dev = _pool(mu, v_in, 0)
     else:
         count = mu.new_tensor(sizes)[:, None]
         mean = _chunk_sum(mu, sizes) / count
-        var = _chunk_sum(v_in + (mu - _per_sample(mean, sizes)).square(), sizes) / count
-    factor = _bessel(count * m) if spec.unbiased == "pooled" else torch.ones_like(count)
-    return _Batch(mean, var * factor, count, sizes, factor)
+        dev = mu - _per_sample(mean, sizes)
+        var = _chunk_sum(torch.addcmul(v_in, dev, dev), sizes) / count
+    factor = 1.0
+    if spec.unbiased == "pooled":
+        factor = _bessel(count * m)
+        var = var * factor
+    return _Batch(mean, var, count, sizes, _per_sample(mean, sizes), _per_sample(var, sizes),
+                  dev, factor)
 
 
-def _statistics(mu, v_in, spec: LayerSpec, shift, running, m):
-    """The (mean, var) of every normalizer (broadcastable to (N, C)), the BN batch, and
-    the LN variance factor."""
-    stats, batch, f_ln = [], None, 1.0
-    for name in spec.normalizers:
-        if name == "in":
-            stats.append((mu, v_in))
-        elif name == "ln":
-            mean, var = _pooled(mu, v_in, 1)
-            if spec.unbiased == "pooled":
-                f_ln = _bessel(mu.shape[1] * m)
-            stats.append((mean, var * f_ln))
-        elif spec.batch:
-            batch = _batch_forward(mu, v_in, spec, shift, m)
-            stats.append((_per_sample(batch.mean, batch.sizes),
-                          _per_sample(batch.var, batch.sizes)))
-        else:
-            stats.append((running[0].to(mu.dtype)[None], running[1].to(mu.dtype)[None]))
-    return stats, batch, f_ln
+# indices into ctx.saved_tensors
+_X, _MU, _S, _INV, _CENTRED, _SCALE, _W, _GAMMA, _WEIGHT, _BIAS, _SHIFT, _RM, _RV, _LN_DEV, \
+    _BN_DEV, _COUNT, _FACTOR = range(17)
 
 
 class FastSwitchNorm(torch.autograd.Function):
@@ -128,20 +124,43 @@ class FastSwitchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, w, shift, running_mean, running_var, spec: LayerSpec):
         # The output first, before the small tensors: on the CPU this keeps the large
-        # buffers from being returned to the OS and faulted back in at every step.
+        # buffers from being returned to the OS and faulted back in at every step. It is
+        # also the statistics pass's scratch space.
         y = torch.empty_like(x, dtype=spec.out_dtype or x.dtype)
-        mu, var = ops.instance_stats_impl(x)
+        mu, var = ops.instance_stats_impl(x, scratch=y)
+        n, c = mu.shape
         m = ops._spatial_size(x)
         v_in = var * _bessel(m) if spec.unbiased == "in" else var
-        stats, batch, f_ln = _statistics(mu, v_in, spec, shift, (running_mean, running_var), m)
-        means = torch.stack(torch.broadcast_tensors(*[s[0] for s in stats]))   # (K, N, C)
-        vars_ = torch.stack(torch.broadcast_tensors(*[s[1] for s in stats]))
+        means, vars_ = [], []
+        batch = ln_dev = None
+        f_ln = 1.0
+        for name in spec.normalizers:
+            if name == "in":
+                means.append(mu)
+                vars_.append(v_in)
+            elif name == "ln":
+                mean_k, var_k, ln_dev = _pool(mu, v_in, 1)
+                if spec.unbiased == "pooled":
+                    f_ln = _bessel(c * m)
+                    var_k = var_k * f_ln
+                means.append(mean_k)
+                vars_.append(var_k)
+            elif spec.batch:
+                batch = _batch_forward(mu, v_in, spec, shift, m)
+                means.append(batch.mean_ps)
+                vars_.append(batch.var_ps)
+            else:
+                means.append(_as(running_mean, mu.dtype)[None])
+                vars_.append(_as(running_var, mu.dtype)[None])
         wf = _as(w, mu.dtype)
+        stacked = None
         if wf is None:
             mean, mixed = means[0], vars_[0]
         else:   # Eq. (3), elementwise (autocast would run a matmul in low precision)
-            mean = (means * wf[0, :, None, None]).sum(0)
-            mixed = (vars_ * wf[1, :, None, None]).sum(0)
+            k = len(means)
+            stacked = torch.stack([t if t.shape == mu.shape else t.expand(n, c)
+                                   for t in means + vars_]).view(2, k, n, c)
+            mean, mixed = (stacked * wf.view(2, k, 1, 1)).sum(1)
         inv = (mixed + spec.eps).rsqrt_()
         gamma = _as(weight, mu.dtype)
         scale = inv * gamma if gamma is not None else inv
@@ -149,11 +168,16 @@ class FastSwitchNorm(torch.autograd.Function):
         shift_y = centred * scale if bias is None else torch.addcmul(_as(bias, mu.dtype),
                                                                      centred, scale)
         y = ops.scale_shift_impl(x, mu, scale, shift_y, spec.out_dtype, out=y)
+        ctx.set_materialize_grads(False)   # no zero gradients for the statistics outputs
         ctx.spec, ctx.m, ctx.f_ln = spec, m, f_ln
         ctx.sizes = batch.sizes if batch is not None else None
-        extra = (batch.mean, batch.count, batch.factor) if batch is not None else ()
-        ctx.save_for_backward(x, mu, means, vars_, inv, centred, scale, w, gamma, weight, bias,
-                              shift, running_mean, running_var, *extra)
+        factor = batch.factor if batch is not None else 1.0
+        ctx.factor = factor if not isinstance(factor, Tensor) else None
+        ctx.save_for_backward(
+            x, mu, stacked, inv, centred, scale, w, gamma, weight, bias, shift, running_mean,
+            running_var, ln_dev, batch.dev if batch is not None else None,
+            batch.count if batch is not None else None,
+            factor if isinstance(factor, Tensor) else None)
         out = (batch.mean, batch.var, batch.count[:, 0]) if batch is not None else \
             (mu.new_empty(0),) * 3
         ctx.mark_non_differentiable(*out)
@@ -161,30 +185,37 @@ class FastSwitchNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, *unused):
+        if g is None:
+            return (None,) * 8
         saved = ctx.saved_tensors
         if torch.is_grad_enabled():
             return _double_backward(ctx, saved, g)
-        x, mu, means, vars_, inv, centred, scale, w, gamma = saved[:9]
-        m, need = ctx.m, ctx.needs_input_grad
+        x, mu, stacked, inv, centred, scale, w, gamma = saved[:8]
+        m, need, spec = ctx.m, ctx.needs_input_grad, ctx.spec
         dx = torch.empty_like(x) if need[0] else None     # first: see forward
         if not x.is_cuda and x.is_contiguous() and not g.is_contiguous():
             g = g.contiguous()
         sum_g, sum_gx, _ = ops.grad_sums_impl(g, x, mu)
         # y = (x - mean) * scale + bias, scale = inv * gamma (Appendix A, Eq. 6-14)
         d_scale = torch.addcmul(sum_gx, centred, sum_g)
-        d_mean = (scale * sum_g).neg_()
         d_gamma = (d_scale * inv).sum(0) if need[1] else None
         d_bias = sum_g.sum(0) if need[2] else None
-        d_mixed = inv.pow(3).mul_(-0.5) * (d_scale if gamma is None else d_scale * gamma)
+        # d mean = -scale sum g, d var = -1/2 gamma inv^3 d_scale, stacked (2, N, C)
+        d_stats = torch.stack([scale * sum_g,
+                               (d_scale * scale).mul_(inv.square()).mul_(0.5)]).neg_()
         d_w = None
-        if w is not None and need[3]:
-            d_w = torch.stack([(means * d_mean).sum((1, 2)), (vars_ * d_mixed).sum((1, 2))])
-            d_w = _as(d_w, w.dtype)
-        d_mu, d_var = _stats_backward(ctx, saved, _as(w, mu.dtype), d_mean, d_mixed)
-        if ctx.spec.unbiased == "in":
-            d_var = d_var * _bessel(m)
+        wf = _as(w, mu.dtype)
+        if wf is None:
+            parts = (d_stats,)
+        else:
+            k = stacked.shape[1]
+            if need[3]:
+                d_w = _as((stacked * d_stats.unsqueeze(1)).sum((2, 3)), w.dtype)
+            parts = (d_stats.unsqueeze(1) * wf.view(2, k, 1, 1)).unbind(1)
+        d_in = _stats_backward(ctx, saved, parts, mu)     # (2, N, C): d mu_in, d var_in
         if need[0]:
-            dx = ops.grad_input_impl(g, x, mu, scale, d_var * (2.0 / m), d_mu * (1.0 / m), dx)
+            f = 2.0 * (_bessel(m) if spec.unbiased == "in" else 1.0) / m
+            dx = ops.grad_input_impl(g, x, mu, scale, d_in[1] * f, d_in[0] * (1.0 / m), dx)
         return dx, d_gamma, d_bias, d_w, None, None, None, None
 
 
@@ -192,46 +223,55 @@ def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def _stats_backward(ctx, saved, wf, d_mean, d_mixed) -> Tuple[Tensor, Tensor]:
-    """(d mu_in, d var_in) from the gradients of the mixed mean and variance."""
-    mu, means = saved[1], saved[2]
+def _stats_backward(ctx, saved, parts, mu) -> Tensor:
+    """(d mu_in, d var_in) stacked (2, N, C) from each normalizer's share ``parts[k]``
+    (2, *) of the gradients of the mixed mean and variance. The parts are fresh tensors
+    and are updated in place."""
     spec = ctx.spec
-    if wf is not None:      # the gradient of each normalizer's statistics (K, N, C)
-        d_means, d_vars = wf[0, :, None, None] * d_mean, wf[1, :, None, None] * d_mixed
-    d_mu = d_var = None
+    total = None
     for k, name in enumerate(spec.normalizers):
-        gm, gv = (d_mean, d_mixed) if wf is None else (d_means[k], d_vars[k])
+        part = parts[k]
+        if name == "in":
+            total = part if total is None else total.add_(part)
+            continue
         if name == "ln":
-            inv_c = 1.0 / mu.shape[1]
-            gm = gm.sum(1, keepdim=True) * inv_c
-            gv = gv.sum(1, keepdim=True) * (ctx.f_ln * inv_c)
-            gm = torch.addcmul(gm, gv * 2.0, mu - means[k, :, :1])
-        elif name == "bn":
-            if not spec.batch:
-                continue
-            gm, gv = _batch_backward(ctx, saved, gm, gv)
-        d_mu = gm if d_mu is None else d_mu + gm
-        d_var = gv if d_var is None else d_var + gv
-    if d_mu is None:
-        return torch.zeros_like(mu), torch.zeros_like(mu)
-    return d_mu, d_var
+            pooled = part.sum(2, keepdim=True).mul_(1.0 / mu.shape[1])    # (2, N, 1)
+            if ctx.f_ln != 1.0:
+                pooled[1].mul_(ctx.f_ln)
+            dev = saved[_LN_DEV]
+        elif not spec.batch:
+            continue            # running statistics: no gradient to the input's statistics
+        else:
+            pooled = _batch_backward(ctx, saved, part)                     # (2, N or 1, C)
+            dev = saved[_BN_DEV]
+        if total is None:
+            total = torch.zeros(2, *mu.shape, dtype=mu.dtype, device=mu.device)
+        total.add_(pooled)
+        total[0].addcmul_(pooled[1], dev, value=2.0)
+    if total is None:
+        return torch.zeros(2, *mu.shape, dtype=mu.dtype, device=mu.device)
+    return total
 
 
-def _batch_backward(ctx, saved, gm: Tensor, gv: Tensor) -> Tuple[Tensor, Tensor]:
-    """(d mu_in, d var_in) of the BN branch from the gradients of its per-sample mean and
-    variance: summed per chunk (and over the ranks when synchronised), then spread back."""
-    mu = saved[1]
-    chunk_mean, count, factor = saved[-3:]
-    sizes = ctx.sizes
-    spec = ctx.spec
-    gm, gv = _chunk_sum(gm, sizes), _chunk_sum(gv, sizes) * factor
+def _batch_backward(ctx, saved, part: Tensor) -> Tensor:
+    """The BN branch's share (2, N, C) of the gradients of its per-sample mean and variance,
+    averaged per chunk (over the ranks too when synchronised) and spread back: (2, N or 1, C)."""
+    spec, sizes = ctx.spec, ctx.sizes
+    count, factor = saved[_COUNT], saved[_FACTOR]
+    if factor is None:
+        factor = ctx.factor
+    if len(sizes) == 1 and spec.group is None:
+        pooled = part.sum(1, keepdim=True).mul_(1.0 / sizes[0])
+        if not (isinstance(factor, float) and factor == 1.0):
+            pooled[1].mul_(factor)
+        return pooled
+    c = part.shape[2]
+    sums = _chunk_sum(torch.cat([part[0], part[1]], 1), sizes)       # (k, 2C)
+    sums[:, c:].mul_(factor)
     if spec.group is not None:
-        c = mu.shape[1]
-        both = torch.cat([gm, gv], 1)
-        dist.all_reduce(both, group=dist.distributed_c10d._resolve_process_group(spec.group))
-        gm, gv = both[:, :c], both[:, c:]
-    gm, gv = _per_sample(gm / count, sizes), _per_sample(gv / count, sizes)
-    return torch.addcmul(gm, gv * 2.0, mu - _per_sample(chunk_mean, sizes)), gv
+        dist.all_reduce(sums, group=dist.distributed_c10d._resolve_process_group(spec.group))
+    sums = _per_sample(sums / count, sizes)
+    return torch.stack([sums[:, :c], sums[:, c:]])
 
 
 def _double_backward(ctx, saved, g):
@@ -239,7 +279,7 @@ def _double_backward(ctx, saved, g):
     (``functional.switch_norm``) and differentiate it, so higher derivatives exist."""
     from .functional import BatchSpec, switch_norm
     x, w, weight, bias, shift, running_mean, running_var = (
-        saved[0], saved[7], saved[9], saved[10], saved[11], saved[12], saved[13])
+        saved[_X], saved[_W], saved[_WEIGHT], saved[_BIAS], saved[_SHIFT], saved[_RM], saved[_RV])
     spec = ctx.spec
     inputs = [t for t in (x, weight, bias, w) if t is not None and t.requires_grad]
     with torch.enable_grad():

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from engine.host_memory import keep_freed_memory  # noqa: E402
 from normalization import build_norm  # noqa: E402
 from normalization.ops import set_triton_mode  # noqa: E402
 from normalization.reference import ReferenceSwitchNorm2d  # noqa: E402
@@ -143,8 +144,12 @@ def main(argv=None):
     ap.add_argument("--block", type=int, default=3, help="recorded steps per turn")
     ap.add_argument("--compiled", action="store_true",
                     help="add compiled bn, sn and sn-ref (" + ", ".join(COMPILED) + ")")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="leave glibc malloc as it is (default: as train.py on the CPU, "
+                         "engine.host_memory.keep_freed_memory())")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
+    malloc = "system" if args.system_malloc or not keep_freed_memory() else "keep freed memory"
 
     def chosen(default):
         norms = [n for n in (args.norms or ",".join(default)).split(",") if n]
@@ -161,7 +166,7 @@ def main(argv=None):
     elif args.device == "cuda":
         sys.exit("error: --device cuda but CUDA is not available")
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, malloc: {malloc}"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     results = []
     for dev, mode in runs:

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from engine.host_memory import keep_freed_memory  # noqa: E402
 from models import build_model  # noqa: E402
 from normalization import replace_modules  # noqa: E402
 from normalization.reference import ReferenceSwitchNorm2d  # noqa: E402
@@ -97,8 +98,12 @@ def main(argv=None):
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--compiled", action="store_true",
                     help="add compiled bn, sn and sn-ref (" + ", ".join(COMPILED) + ")")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="leave glibc malloc as it is (default: as train.py on the CPU, "
+                         "engine.host_memory.keep_freed_memory())")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    malloc = "system" if args.system_malloc or not keep_freed_memory() else "keep freed memory"
     args.norms = [n for n in args.norms.split(",") if n]
     args.norms += [n for n in COMPILED if args.compiled and n not in args.norms]
     if "bn" not in args.norms:
@@ -110,7 +115,8 @@ def main(argv=None):
     modes = [("fp32", False, False)] + ([("bf16 autocast + channels_last", True, True)]
                                         if use_cuda else [])
     print(f"{args.model}, batch {args.batch}, {args.size}x{args.size}, torch {torch.__version__},"
-          f" {torch.cuda.get_device_name() if use_cuda else f'{torch.get_num_threads()} CPU threads'}")
+          f" {torch.cuda.get_device_name() if use_cuda else f'{torch.get_num_threads()} CPU threads'}"
+          f", malloc: {malloc}")
     results = []
     for label, amp, cl in modes:
         ips = bench(args, device, amp, cl)

@@ -15,6 +15,37 @@ def test_instance_statistics_large_mean_against_float64():
     torch.testing.assert_close(var.double(), ref.var(-1, unbiased=False), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("shape,two_pass", [((2, 8, 16, 16), False), ((4, 64, 28, 28), True),
+                                            ((8, 512, 7, 7), True)],
+                         ids=["batch_norm_update_stats", "two-pass", "two-pass-short-rows"])
+@pytest.mark.parametrize("mean,std", [(0.0, 1.0), (50.0, 1.0), (3.0, 1e-3)])
+def test_native_statistics_paths_against_float64(shape, two_pass, mean, std):
+    """Both CPU statistics paths (one batch_norm_update_stats call below
+    TWO_PASS_MIN_NUMEL elements, the vectorised two-pass reductions above): the mean
+    within 2 float32 ulps of |mean| (a float64 accumulation, rounded), the variance to
+    1e-5 relative; the two-pass path works in the caller's scratch tensor (no temporary);
+    bfloat16 and non-contiguous inputs agree with float32."""
+    from normalization import ops
+    x = (torch.randn(shape, dtype=torch.float64) * std + mean).float()
+    assert (x.numel() >= ops.TWO_PASS_MIN_NUMEL) == two_pass
+    ref = x.double().flatten(2)
+    scratch = torch.full_like(x, float("nan"))
+    mu, var = ops._native_stats(x, scratch)
+    assert bool(torch.isnan(scratch).any()) != two_pass
+    ulp = torch.finfo(torch.float32).eps * max(abs(mean), std)
+    assert (mu.double() - ref.mean(-1)).abs().max() <= 2 * ulp
+    torch.testing.assert_close(var.double(), ref.var(-1, unbiased=False), rtol=1e-5, atol=0)
+    mu_nc, var_nc = ops._native_stats(x.transpose(2, 3))
+    torch.testing.assert_close(mu_nc, mu, rtol=1e-6, atol=2 * ulp)
+    torch.testing.assert_close(var_nc, var, rtol=1e-5, atol=0)
+    xb = x.bfloat16()
+    mu_b, var_b = ops._native_stats(xb)
+    assert mu_b.dtype == var_b.dtype == torch.float32
+    refb = xb.double().flatten(2)
+    torch.testing.assert_close(mu_b.double(), refb.mean(-1), rtol=0, atol=2 * ulp)
+    torch.testing.assert_close(var_b.double(), refb.var(-1, unbiased=False), rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(ghost_batch_size=2)])
 def test_switchnorm_large_mean_against_float64(kw):
     layer = N.SwitchNorm2d(8, **kw)
