@@ -124,10 +124,9 @@ class FastSwitchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, w, shift, running_mean, running_var, spec: LayerSpec):
         # The output first, before the small tensors: on the CPU this keeps the large
-        # buffers from being returned to the OS and faulted back in at every step. It is
-        # also the statistics pass's scratch space.
+        # buffers from being returned to the OS and faulted back in at every step.
         y = torch.empty_like(x, dtype=spec.out_dtype or x.dtype)
-        mu, var = ops.instance_stats_impl(x, scratch=y)
+        mu, var = ops.instance_stats_impl(x)
         n, c = mu.shape
         m = ops._spatial_size(x)
         v_in = var * _bessel(m) if spec.unbiased == "in" else var

@@ -15,23 +15,24 @@ def test_instance_statistics_large_mean_against_float64():
     torch.testing.assert_close(var.double(), ref.var(-1, unbiased=False), rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("shape,two_pass", [((2, 8, 16, 16), False), ((4, 64, 28, 28), True),
-                                            ((8, 512, 7, 7), True)],
-                         ids=["batch_norm_update_stats", "two-pass", "two-pass-short-rows"])
+@pytest.mark.parametrize("shape,group_norm", [((64, 32, 2, 2), False), ((4, 64, 28, 28), True),
+                                              ((8, 512, 7, 7), True), ((2, 8, 4, 4), True)],
+                         ids=["batch_norm_update_stats", "group-norm", "group-norm-7x7",
+                              "group-norm-4x4"])
 @pytest.mark.parametrize("mean,std", [(0.0, 1.0), (50.0, 1.0), (3.0, 1e-3)])
-def test_native_statistics_paths_against_float64(shape, two_pass, mean, std):
-    """Both CPU statistics paths (one batch_norm_update_stats call below
-    TWO_PASS_MIN_NUMEL elements, the vectorised two-pass reductions above): the mean
-    within 2 float32 ulps of |mean| (a float64 accumulation, rounded), the variance to
-    1e-5 relative; the two-pass path works in the caller's scratch tensor (no temporary);
-    bfloat16 and non-contiguous inputs agree with float32."""
+def test_native_statistics_paths_against_float64(shape, group_norm, mean, std):
+    """The CPU statistics paths (the group-norm kernel for rows of at least
+    GROUP_NORM_MIN_ROW positions, the two-pass recomputation where a row's mean exceeds
+    WELFORD_MAX_MEAN_PER_STD standard deviations (mean 3, std 1e-3 here), one
+    batch_norm_update_stats call for shorter rows): the mean within 2 float32 ulps of
+    |mean| (a float64 accumulation, rounded), the variance to 1e-5 relative; bfloat16
+    and non-contiguous inputs agree with float32."""
     from normalization import ops
     x = (torch.randn(shape, dtype=torch.float64) * std + mean).float()
-    assert (x.numel() >= ops.TWO_PASS_MIN_NUMEL) == two_pass
+    assert (x[0, 0].numel() >= ops.GROUP_NORM_MIN_ROW) == group_norm
     ref = x.double().flatten(2)
-    scratch = torch.full_like(x, float("nan"))
-    mu, var = ops._native_stats(x, scratch)
-    assert bool(torch.isnan(scratch).any()) != two_pass
+    mu, var = ops._native_stats(x)
+    assert mu.shape == var.shape == shape[:2] and mu.dtype == var.dtype == torch.float32
     ulp = torch.finfo(torch.float32).eps * max(abs(mean), std)
     assert (mu.double() - ref.mean(-1)).abs().max() <= 2 * ulp
     torch.testing.assert_close(var.double(), ref.var(-1, unbiased=False), rtol=1e-5, atol=0)
@@ -44,6 +45,20 @@ def test_native_statistics_paths_against_float64(shape, two_pass, mean, std):
     refb = xb.double().flatten(2)
     torch.testing.assert_close(mu_b.double(), refb.mean(-1), rtol=0, atol=2 * ulp)
     torch.testing.assert_close(var_b.double(), refb.var(-1, unbiased=False), rtol=1e-5, atol=0)
+    const = torch.full(shape, 7.25)                     # zero variance stays exactly zero
+    assert (ops._native_stats(const)[1] == 0).all()
+
+
+@pytest.mark.parametrize("ratio", [1.0, 30.0, 49.0, 51.0, 1e3, 1e4])
+def test_statistics_variance_accuracy_at_any_mean(ratio):
+    """Whichever path serves them (Welford up to 50 std, two passes beyond), the
+    variances of rows with |mean| = ratio * std are within 5e-6 of float64."""
+    from normalization import ops
+    x = (torch.randn(4, 32, 14, 14, dtype=torch.float64) + ratio).float()
+    x[0, :3] = torch.randn(3, 14, 14).float()                # a few well-conditioned rows
+    _, var = ops._native_stats(x)
+    ref = x.double().flatten(2).var(-1, unbiased=False)
+    assert ((var.double() - ref) / ref).abs().max() < 5e-6
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(ghost_batch_size=2)])
