@@ -22,7 +22,8 @@ all-reduce for SyncBN/SyncSN (its gradient is the all-reduce of the gradient).
 
 Implementations. Everywhere: PyTorch's native batch-norm kernels applied to
 the (1, N*C, M) view of a contiguous input, in which each "channel" is one
-(sample, channel) pair, and plain reductions otherwise. On CUDA the fused
+(sample, channel) pair (on the CPU the statistics come from the group-norm
+kernel instead, see ``_native_stats``), and plain reductions otherwise. On CUDA the fused
 Triton kernels of ``triton_kernels.py`` run instead when ``SN_TRITON`` allows
 (``auto`` by default): in ``auto`` the first use of each (device, dtype,
 layout) runs the kernels once on a small tensor and compares forward and
