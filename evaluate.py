@@ -59,8 +59,7 @@ def run(args) -> dict:
     state = load_checkpoint(args.checkpoint)
     cfg = resolve(_config(args, state), int(os.environ.get("WORLD_SIZE", "1")))
     info = init_distributed(cfg.train.device)
-    if info.device.type == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(info.device)
     if cfg.data.dataset == "demo" and cfg.data.root is None:
         cfg.data.root = str(ensure_demo_dataset(None, cfg.data.demo_size))
     model = model_from_state(args.checkpoint, state)[0].to(info.device)

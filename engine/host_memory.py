@@ -30,11 +30,14 @@ _M_MMAP_MAX = -4
 _applied = False
 
 
-def keep_freed_memory() -> bool:
-    """Switch glibc malloc to never ``mmap`` or trim (once per process). Returns True when
-    the setting is in force, False when it does not apply (``SN_MALLOC=system``, not
-    glibc, or mallopt refused)."""
+def keep_freed_memory(device=None) -> bool:
+    """Switch glibc malloc to never ``mmap`` or trim (once per process) when the work runs
+    on the CPU (``device``: a ``torch.device``; None counts as the CPU). Returns True when
+    the setting is in force, False when it does not apply (another device,
+    ``SN_MALLOC=system``, not glibc, or mallopt refused)."""
     global _applied
+    if device is not None and device.type != "cpu":
+        return False
     if _applied:
         return True
     if os.environ.get("SN_MALLOC", "keep").strip().lower() == "system" or \

@@ -159,8 +159,7 @@ class Trainer:
     def __init__(self, cfg: Config, info: DistInfo, folder: Optional[RunFolder] = None):
         self.cfg, self.info = cfg, info
         self.device = info.device
-        if self.device.type == "cpu":
-            keep_freed_memory()     # no page faults on every step's buffers (host_memory.py)
+        keep_freed_memory(self.device)   # on the CPU: no page faults on every step's buffers
         self.out = cfg.output_dir
         self.started = time.perf_counter()  # the closing summary counts set-up too
         folder = folder or inspect_run_folder(cfg)

@@ -68,7 +68,7 @@ def _bessel(n):
 class _Batch(NamedTuple):
     """BN statistics of one forward: per-chunk mean, var, count (k, C), (k, C), (k, 1);
     the per-sample mean and var (broadcastable to (N, C)), ``dev = mu - mean`` per sample,
-    and the factor applied to the variance (pooled Bessel; 1.0 without)."""
+    and the factor applied to the variance (pooled Bessel, (k, 1); None without)."""
     mean: Tensor
     var: Tensor
     count: Tensor
@@ -76,7 +76,7 @@ class _Batch(NamedTuple):
     mean_ps: Tensor
     var_ps: Tensor
     dev: Tensor
-    factor: object
+    factor: Optional[Tensor]
 
 
 def _batch_forward(mu: Tensor, v_in: Tensor, spec: LayerSpec, shift: Optional[Tensor],
@@ -100,7 +100,7 @@ def _batch_forward(mu: Tensor, v_in: Tensor, spec: LayerSpec, shift: Optional[Te
         mean = _chunk_sum(mu, sizes) / count
         dev = mu - _per_sample(mean, sizes)
         var = _chunk_sum(torch.addcmul(v_in, dev, dev), sizes) / count
-    factor = 1.0
+    factor = None
     if spec.unbiased == "pooled":
         factor = _bessel(count * m)
         var = var * factor
@@ -170,13 +170,10 @@ class FastSwitchNorm(torch.autograd.Function):
         ctx.set_materialize_grads(False)   # no zero gradients for the statistics outputs
         ctx.spec, ctx.m, ctx.f_ln = spec, m, f_ln
         ctx.sizes = batch.sizes if batch is not None else None
-        factor = batch.factor if batch is not None else 1.0
-        ctx.factor = factor if not isinstance(factor, Tensor) else None
         ctx.save_for_backward(
             x, mu, stacked, inv, centred, scale, w, gamma, weight, bias, shift, running_mean,
-            running_var, ln_dev, batch.dev if batch is not None else None,
-            batch.count if batch is not None else None,
-            factor if isinstance(factor, Tensor) else None)
+            running_var, ln_dev, *((batch.dev, batch.count, batch.factor) if batch is not None
+                                   else (None,) * 3))
         out = (batch.mean, batch.var, batch.count[:, 0]) if batch is not None else \
             (mu.new_empty(0),) * 3
         ctx.mark_non_differentiable(*out)
@@ -256,17 +253,16 @@ def _batch_backward(ctx, saved, part: Tensor) -> Tensor:
     """The BN branch's share (2, N, C) of the gradients of its per-sample mean and variance,
     averaged per chunk (over the ranks too when synchronised) and spread back: (2, N or 1, C)."""
     spec, sizes = ctx.spec, ctx.sizes
-    count, factor = saved[_COUNT], saved[_FACTOR]
-    if factor is None:
-        factor = ctx.factor
+    count, factor = saved[_COUNT], saved[_FACTOR]       # factor: None without pooled Bessel
     if len(sizes) == 1 and spec.group is None:
         pooled = part.sum(1, keepdim=True).mul_(1.0 / sizes[0])
-        if not (isinstance(factor, float) and factor == 1.0):
+        if factor is not None:
             pooled[1].mul_(factor)
         return pooled
     c = part.shape[2]
     sums = _chunk_sum(torch.cat([part[0], part[1]], 1), sizes)       # (k, 2C)
-    sums[:, c:].mul_(factor)
+    if factor is not None:
+        sums[:, c:].mul_(factor)
     if spec.group is not None:
         dist.all_reduce(sums, group=dist.distributed_c10d._resolve_process_group(spec.group))
     sums = _per_sample(sums / count, sizes)

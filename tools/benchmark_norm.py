@@ -149,7 +149,9 @@ def main(argv=None):
                          "engine.host_memory.keep_freed_memory())")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
-    malloc = "system" if args.system_malloc or not keep_freed_memory() else "keep freed memory"
+    where = torch.device("cuda" if args.device == "cuda" else "cpu")  # the CPU unless cuda only
+    malloc = "system" if args.system_malloc or not keep_freed_memory(where) else \
+        "keep freed memory"
 
     def chosen(default):
         norms = [n for n in (args.norms or ",".join(default)).split(",") if n]

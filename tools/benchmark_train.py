@@ -103,13 +103,14 @@ def main(argv=None):
                          "engine.host_memory.keep_freed_memory())")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    malloc = "system" if args.system_malloc or not keep_freed_memory() else "keep freed memory"
     args.norms = [n for n in args.norms.split(",") if n]
     args.norms += [n for n in COMPILED if args.compiled and n not in args.norms]
     if "bn" not in args.norms:
         args.norms.insert(0, "bn")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
+    malloc = "system" if args.system_malloc or not keep_freed_memory(device) else \
+        "keep freed memory"
     if use_cuda:
         torch.backends.cudnn.benchmark = True
     modes = [("fp32", False, False)] + ([("bf16 autocast + channels_last", True, True)]

@@ -12,7 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SCRIPT = r"""
 import resource, sys, torch
 from engine.host_memory import keep_freed_memory
-applied = keep_freed_memory()
+assert not keep_freed_memory(torch.device("cuda"))   # another device: nothing changes
+applied = keep_freed_memory(torch.device("cpu"))
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):                      # warm-up: the heap settles (it grows for a few rounds)
