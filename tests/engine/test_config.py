@@ -152,10 +152,10 @@ def test_fingerprint_ignores_resumable_and_derived_keys():
     assert config_differences(old, moved) == []
 
 
-def test_readme_lists_the_resumable_keys():
+def test_docs_list_the_resumable_keys():
     from engine.config import RESUMABLE_KEYS
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    training = readme[readme.index("## Training"):readme.index("### Batch settings")]
+    page = open(os.path.join(ROOT, "docs", "training.md")).read()
+    training = page[page.index("# Training"):page.index("## Batch settings")]
     for key in RESUMABLE_KEYS:
         assert f"`{key}`" in training or f"`{key.split('.')[0]}.*`" in training, key
 
