@@ -214,7 +214,7 @@ class Config:
 
 
 #: The keys that may differ between a run's checkpoint and the config that resumes it (the
-#: one list; README "Training" quotes it). They say how long to train, where the data are and
+#: one list; docs/training.md quotes it). They say how long to train, where the data are and
 #: how the run is executed and logged, never what is trained. Derived values (world size,
 #: virtual GPUs per process, per-process batch, lr) follow from the others and are not
 #: compared either, so a run may resume on another number of processes.

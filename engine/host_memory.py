@@ -8,7 +8,7 @@ step at batch 16 took 1e5-5e5 minor page faults (0.5-2 GiB of fresh pages) and
 varied by 20% from step to step on this project's 2-core machine. With
 ``keep_freed_memory()`` the heap serves every size and is never trimmed, so a step
 reuses the pages of the previous one (faster and much steadier there; figures in
-README "Performance"). The price is memory: the process keeps its peak footprint,
+docs/performance.md). The price is memory: the process keeps its peak footprint,
 plus what the heap's fragmentation adds while it settles in the first steps (a
 ResNet-50 at batch 16 stayed at 3.1 GB from its second step on, against a 2.7 GB
 peak with the system setting). This is what the usual advice of preloading jemalloc

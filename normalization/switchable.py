@@ -7,7 +7,7 @@ see ``functional.py`` for the (N, C) algebra and the passes over the input
 (``ops.py``: custom operators) and ``batch_stats.py`` for ghost batches, SyncSN
 and batch-average inference.
 
-Conventions (documented in README.md):
+Conventions (documented in docs/normalization.md):
 
 * ``momentum`` follows the authors: ``running = momentum * running + (1 -
   momentum) * batch``, so the default 0.9 keeps 0.9 of the old value (PyTorch's

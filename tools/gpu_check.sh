@@ -4,7 +4,7 @@
 # compiled) and the ResNet-50 training step (bf16 autocast + channels_last, eager and
 # compiled), with the GPU model and versions first. Output: gpu_check/ (logs, JSON).
 #
-#     bash tools/gpu_check.sh            # then copy the tables into README "Performance"
+#     bash tools/gpu_check.sh            # then copy the tables into docs/performance.md
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_check}
