@@ -29,7 +29,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import ops
-from .functional import BatchSpec, BatchStats
+from .algebra import BatchSpec, BatchStats
+from .functional import fx_tracing
 
 __all__ = ["BatchStatsMixin"]
 
@@ -93,8 +94,12 @@ class BatchStatsMixin:
         return BatchSpec(self.ghost_batch_size, shift, ops.group_name(self.process_group))
 
     @torch.no_grad()
-    def _after_batch(self, stats: BatchStats, spatial):
-        """Accumulate for the batch average, or update the running statistics."""
+    def _after_batch(self, x: Tensor, stats: BatchStats, spatial):
+        """Accumulate for the batch average, or update the running statistics; an empty
+        local batch leaves both alone, as in ``nn.BatchNorm2d`` (unless synchronised: the
+        statistics are then those of the other ranks' samples)."""
+        if not fx_tracing() and x.shape[0] == 0 and not self._sync_active():
+            return
         stats = BatchStats(stats.mean.detach(), stats.var.detach(), stats.count.detach())
         if self._ba is not None:
             w = stats.count.double()[:, None]

@@ -65,10 +65,10 @@ class BatchNorm2d(BatchStatsMixin, nn.BatchNorm2d):
         self._check_mode()
         if not self._fused(x):
             return fn.autocast_output(super().forward(x))
-        y, stats = fn.switch_norm(x, ("bn",), self.eps, self.weight, self.bias,
-                                  batch=self._batch_spec(x))
-        self._after_batch(stats, fn.spatial_size(x))
-        return y
+        out = fn.switch_norm(x, ("bn",), self.eps, self.weight, self.bias,
+                             batch=self._batch_spec(x))
+        self._after_batch(x, out[1], fn.spatial_size(x))
+        return out[0]
 
     @torch.no_grad()
     def _update_running(self, stats, spatial):

@@ -1,39 +1,36 @@
 """The eager-mode fast path of SN/BN: one autograd node per layer, Appendix A written out.
 
-``functional.switch_norm`` is the definition: plain differentiable PyTorch
-around the custom operators, which ``torch.compile``, ``torch.fx`` and double
-backward use. In eager mode, autograd would record every one of its ~25 small
-(N, C)-sized ops and run ~100 tiny ops in backward, and x's gradient would be
-assembled from two shares. Measured on this project's 2-core CPU (one
-thread, the same process, ResNet-18 width 16 at 64 px): a training step took
-15% longer at batch 8 and 11% at batch 64 than with one node per layer, and a
-layer at (32, 64, 56, 56) 1.9x BatchNorm2d against 1.06x. So eager mode runs
-this ``torch.autograd.Function`` instead, which is the same computation
-(tested against ``switch_norm`` to 1e-10 in float64, outputs and every
-gradient):
+Recorded op by op, a layer's (N, C) algebra is ~25 small forward ops and ~100
+tiny backward ops, and x's gradient is assembled from two shares. Measured on
+this project's 2-core CPU (one thread, ResNet-18 width 16 at 64 px): a training
+step took 15% longer at batch 8 and 11% at batch 64 than with one node per
+layer, and a layer at (32, 64, 56, 56) 1.9x BatchNorm2d against 1.06x. So eager
+mode runs this ``torch.autograd.Function``:
 
-* forward: the IN statistics, then the (N, C) algebra of Eq. (3)-(5) without
-  autograd recording, then the fused apply;
+* forward: ``ops.instance_stats_impl``, then ``algebra.coefficients`` (the very
+  function the compiled path records, here run without recording), then the
+  fused apply ``ops.scale_shift_impl``;
 * backward: one pass over (g, x) for ``sum g`` and ``sum g (x - mu)``, the
   (N, C) backward of Appendix A (Eq. 6-14) written out, and one fused pass
-  writing ``dx = g * scale + (x - mu) * a + b``.
+  writing ``dx = g * scale + (x - mu) * a + b``;
+* double backward (``create_graph=True``): the layer is recomputed with
+  ``algebra.switch_norm_definition`` and differentiated by autograd.
 
-The ratios of Eq. (5) (softmax, hard one-hot, SSN's sparsestmax) are computed
-outside, with autograd: the node takes the (2, K) ratio tensor and returns its
-gradient. State passes only through ``ctx.save_for_backward`` and constants on
-``ctx``. Double backward (``create_graph=True``) recomputes the layer with
-``functional.switch_norm`` and differentiates that, so it works too.
+The ratios of Eq. (5) are computed outside, with autograd: the node takes the
+(2, K) ratio tensor and returns its gradient. Tested equal to the definition to
+1e-10 in float64 (outputs, every gradient, the batch statistics).
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Tuple
+import math
+from typing import NamedTuple, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from . import ops
-from .functional import _chunk_sum, _chunks as _sizes, _per_sample  # ghost-batch chunks
+from .algebra import BatchSpec, bessel, chunk_sum, coefficients, per_sample, \
+    switch_norm_definition
 
 __all__ = ["FastSwitchNorm", "LayerSpec"]
 
@@ -42,70 +39,11 @@ class LayerSpec(NamedTuple):
     """The constants of one layer call (everything but tensors)."""
     normalizers: Tuple[str, ...]
     eps: float
-    unbiased: Optional[str]          # None, "in" or "pooled" (functional.switch_norm)
+    unbiased: Optional[str]          # None, "in" or "pooled" (algebra.coefficients)
     batch: bool                      # BN from the batch (else from running statistics)
     ghost: Optional[int]
     group: Optional[str]             # process-group name when synchronised
-    out_dtype: Optional[torch.dtype]
-
-
-def _pool(mu: Tensor, var: Tensor, dim: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """Eq. (4) with deviations over ``dim``: ``mean(mu)``, ``mean(var + dev^2)`` and
-    ``dev = mu - mean`` (kept for the backward)."""
-    inv_n = 1.0 / mu.shape[dim]
-    mean = mu.sum(dim, keepdim=True).mul_(inv_n)
-    dev = mu - mean
-    return mean, torch.addcmul(var, dev, dev).sum(dim, keepdim=True).mul_(inv_n), dev
-
-
-def _bessel(n):
-    """Factor n / (n - 1) (a number or a tensor; 1 for a single value)."""
-    if isinstance(n, Tensor):
-        return n / (n - 1).clamp_min(1)
-    return n / (n - 1) if n > 1 else 1.0
-
-
-class _Batch(NamedTuple):
-    """BN statistics of one forward: per-chunk mean, var, count (k, C), (k, C), (k, 1);
-    the per-sample mean and var (broadcastable to (N, C)), ``dev = mu - mean`` per sample,
-    and the factor applied to the variance (pooled Bessel, (k, 1); None without)."""
-    mean: Tensor
-    var: Tensor
-    count: Tensor
-    sizes: List[int]
-    mean_ps: Tensor
-    var_ps: Tensor
-    dev: Tensor
-    factor: Optional[Tensor]
-
-
-def _batch_forward(mu: Tensor, v_in: Tensor, spec: LayerSpec, shift: Optional[Tensor],
-                   m: int) -> _Batch:
-    n, c = mu.shape
-    sizes = _sizes(n, spec.ghost)
-    if spec.group is not None:
-        d = mu - shift
-        packed = _chunk_sum(torch.cat([d, torch.addcmul(v_in, d, d), torch.ones_like(mu[:, :1])],
-                                      1), sizes)
-        dist.all_reduce(packed, group=dist.distributed_c10d._resolve_process_group(spec.group))
-        count = packed[:, -1:]
-        mean_d = packed[:, :c] / count
-        mean, var = mean_d + shift, (packed[:, c:2 * c] / count - mean_d.square()).clamp_min(0)
-        dev = mu - _per_sample(mean, sizes)
-    elif len(sizes) == 1:
-        count = mu.new_full((1, 1), n)
-        mean, var, dev = _pool(mu, v_in, 0)
-    else:
-        count = mu.new_tensor(sizes)[:, None]
-        mean = _chunk_sum(mu, sizes) / count
-        dev = mu - _per_sample(mean, sizes)
-        var = _chunk_sum(torch.addcmul(v_in, dev, dev), sizes) / count
-    factor = None
-    if spec.unbiased == "pooled":
-        factor = _bessel(count * m)
-        var = var * factor
-    return _Batch(mean, var, count, sizes, _per_sample(mean, sizes), _per_sample(var, sizes),
-                  dev, factor)
+    out_dtype: torch.dtype
 
 
 # indices into ctx.saved_tensors
@@ -114,7 +52,7 @@ _X, _MU, _S, _INV, _CENTRED, _SCALE, _W, _GAMMA, _WEIGHT, _BIAS, _SHIFT, _RM, _R
 
 
 class FastSwitchNorm(torch.autograd.Function):
-    """``functional.switch_norm`` as one autograd node (see the module docstring).
+    """The layer as one autograd node (see the module docstring).
 
     ``apply(x, weight, bias, w, shift, running_mean, running_var, spec)`` returns
     ``(y, chunk_mean, chunk_var, chunk_count)`` (the last three non-differentiable,
@@ -125,57 +63,23 @@ class FastSwitchNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, w, shift, running_mean, running_var, spec: LayerSpec):
         # The output first, before the small tensors: on the CPU this keeps the large
         # buffers from being returned to the OS and faulted back in at every step.
-        y = torch.empty_like(x, dtype=spec.out_dtype or x.dtype)
+        y = torch.empty_like(x, dtype=spec.out_dtype)
         mu, var = ops.instance_stats_impl(x)
-        n, c = mu.shape
-        m = ops._spatial_size(x)
-        v_in = var * _bessel(m) if spec.unbiased == "in" else var
-        means, vars_ = [], []
-        batch = ln_dev = None
-        f_ln = 1.0
-        for name in spec.normalizers:
-            if name == "in":
-                means.append(mu)
-                vars_.append(v_in)
-            elif name == "ln":
-                mean_k, var_k, ln_dev = _pool(mu, v_in, 1)
-                if spec.unbiased == "pooled":
-                    f_ln = _bessel(c * m)
-                    var_k = var_k * f_ln
-                means.append(mean_k)
-                vars_.append(var_k)
-            elif spec.batch:
-                batch = _batch_forward(mu, v_in, spec, shift, m)
-                means.append(batch.mean_ps)
-                vars_.append(batch.var_ps)
-            else:
-                means.append(_as(running_mean, mu.dtype)[None])
-                vars_.append(_as(running_var, mu.dtype)[None])
-        wf = _as(w, mu.dtype)
-        stacked = None
-        if wf is None:
-            mean, mixed = means[0], vars_[0]
-        else:   # Eq. (3), elementwise (autocast would run a matmul in low precision)
-            k = len(means)
-            stacked = torch.stack([t if t.shape == mu.shape else t.expand(n, c)
-                                   for t in means + vars_]).view(2, k, n, c)
-            mean, mixed = (stacked * wf.view(2, k, 1, 1)).sum(1)
-        inv = (mixed + spec.eps).rsqrt_()
-        gamma = _as(weight, mu.dtype)
-        scale = inv * gamma if gamma is not None else inv
-        centred = mu - mean
-        shift_y = centred * scale if bias is None else torch.addcmul(_as(bias, mu.dtype),
-                                                                     centred, scale)
-        y = ops.scale_shift_impl(x, mu, scale, shift_y, spec.out_dtype, out=y)
+        m = math.prod(x.shape[2:])
+        batch = BatchSpec(spec.ghost, shift, spec.group) if spec.batch else None
+        running = (running_mean, running_var) if not spec.batch else None
+        co = coefficients(mu, var, m, spec.normalizers, spec.eps, weight, bias, w, batch,
+                          running, spec.unbiased)
+        y = ops.scale_shift_impl(x, mu, co.scale, co.shift, spec.out_dtype, out=y)
         ctx.set_materialize_grads(False)   # no zero gradients for the statistics outputs
-        ctx.spec, ctx.m, ctx.f_ln = spec, m, f_ln
-        ctx.sizes = batch.sizes if batch is not None else None
+        ctx.spec, ctx.m, ctx.f_ln = spec, m, co.ln_factor
+        bn = co.bn
+        ctx.sizes = bn.sizes if bn is not None else None
         ctx.save_for_backward(
-            x, mu, stacked, inv, centred, scale, w, gamma, weight, bias, shift, running_mean,
-            running_var, ln_dev, *((batch.dev, batch.count, batch.factor) if batch is not None
-                                   else (None,) * 3))
-        out = (batch.mean, batch.var, batch.count[:, 0]) if batch is not None else \
-            (mu.new_empty(0),) * 3
+            x, mu, co.stacked, co.inv, co.centred, co.scale, w, co.gamma, weight, bias, shift,
+            running_mean, running_var, co.ln_dev,
+            *((bn.dev, bn.stats.count, bn.factor) if bn is not None else (None,) * 3))
+        out = tuple(bn.stats) if bn is not None else (mu.new_empty(0),) * 3
         ctx.mark_non_differentiable(*out)
         return (y,) + out
 
@@ -200,29 +104,25 @@ class FastSwitchNorm(torch.autograd.Function):
         d_stats = torch.stack([scale * sum_g,
                                (d_scale * scale).mul_(inv.square()).mul_(0.5)]).neg_()
         d_w = None
-        wf = _as(w, mu.dtype)
-        if wf is None:
+        if w is None:
             parts = (d_stats,)
         else:
             k = stacked.shape[1]
             if need[3]:
-                d_w = _as((stacked * d_stats.unsqueeze(1)).sum((2, 3)), w.dtype)
-            parts = (d_stats.unsqueeze(1) * wf.view(2, k, 1, 1)).unbind(1)
+                d_w = (stacked * d_stats.unsqueeze(1)).sum((2, 3)).to(w.dtype)
+            parts = (d_stats.unsqueeze(1) * w.to(mu.dtype).view(2, k, 1, 1)).unbind(1)
         d_in = _stats_backward(ctx, saved, parts, mu)     # (2, N, C): d mu_in, d var_in
         if need[0]:
-            f = 2.0 * (_bessel(m) if spec.unbiased == "in" else 1.0) / m
+            f = 2.0 * (bessel(m) if spec.unbiased == "in" else 1.0) / m
             dx = ops.grad_input_impl(g, x, mu, scale, d_in[1] * f, d_in[0] * (1.0 / m), dx)
         return dx, d_gamma, d_bias, d_w, None, None, None, None
 
 
-def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return t if t is None or t.dtype == dtype else t.to(dtype)
-
-
 def _stats_backward(ctx, saved, parts, mu) -> Tensor:
     """(d mu_in, d var_in) stacked (2, N, C) from each normalizer's share ``parts[k]``
-    (2, *) of the gradients of the mixed mean and variance. The parts are fresh tensors
-    and are updated in place."""
+    (2, *) of the gradients of the mixed mean and variance: the backward of ``pool``
+    (d mu += d mean / n + 2 dev d var / n, d var += d var / n) for LN and BN. The parts
+    are fresh tensors and are updated in place."""
     spec = ctx.spec
     total = None
     for k, name in enumerate(spec.normalizers):
@@ -253,36 +153,34 @@ def _batch_backward(ctx, saved, part: Tensor) -> Tensor:
     """The BN branch's share (2, N, C) of the gradients of its per-sample mean and variance,
     averaged per chunk (over the ranks too when synchronised) and spread back: (2, N or 1, C)."""
     spec, sizes = ctx.spec, ctx.sizes
-    count, factor = saved[_COUNT], saved[_FACTOR]       # factor: None without pooled Bessel
+    count, factor = saved[_COUNT][:, None], saved[_FACTOR]   # factor: None without Bessel
     if len(sizes) == 1 and spec.group is None:
-        pooled = part.sum(1, keepdim=True).mul_(1.0 / sizes[0])
+        pooled = part.sum(1, keepdim=True).mul_(1.0 / max(sizes[0], 1))
         if factor is not None:
             pooled[1].mul_(factor)
         return pooled
     c = part.shape[2]
-    sums = _chunk_sum(torch.cat([part[0], part[1]], 1), sizes)       # (k, 2C)
+    sums = chunk_sum(torch.cat([part[0], part[1]], 1), sizes)       # (k, 2C)
     if factor is not None:
         sums[:, c:].mul_(factor)
     if spec.group is not None:
-        dist.all_reduce(sums, group=dist.distributed_c10d._resolve_process_group(spec.group))
-    sums = _per_sample(sums / count, sizes)
+        sums = ops.all_reduce_sum(sums, spec.group)
+    sums = per_sample(sums / count, sizes)
     return torch.stack([sums[:, :c], sums[:, c:]])
 
 
 def _double_backward(ctx, saved, g):
-    """create_graph=True: recompute the layer with the differentiable definition
-    (``functional.switch_norm``) and differentiate it, so higher derivatives exist."""
-    from .functional import BatchSpec, switch_norm
+    """create_graph=True: recompute the layer with the differentiable definition and
+    differentiate it, so higher derivatives exist."""
     x, w, weight, bias, shift, running_mean, running_var = (
         saved[_X], saved[_W], saved[_WEIGHT], saved[_BIAS], saved[_SHIFT], saved[_RM], saved[_RV])
     spec = ctx.spec
     inputs = [t for t in (x, weight, bias, w) if t is not None and t.requires_grad]
     with torch.enable_grad():
         batch = BatchSpec(spec.ghost, shift, spec.group) if spec.batch else None
-        running = (running_mean, running_var) if not spec.batch and running_mean is not None \
-            else None
-        y, _ = switch_norm(x, spec.normalizers, spec.eps, weight, bias, w, batch=batch,
-                           running=running, unbiased=spec.unbiased, path="plain")
+        running = (running_mean, running_var) if not spec.batch else None
+        y, _ = switch_norm_definition(x, spec.normalizers, spec.eps, weight, bias, w,
+                                      batch=batch, running=running, unbiased=spec.unbiased)
         grads = iter(torch.autograd.grad(y, inputs, g, create_graph=True, allow_unused=True))
     out = [next(grads) if t is not None and t.requires_grad else None
            for t in (x, weight, bias, w)]

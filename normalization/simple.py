@@ -12,7 +12,7 @@ from typing import Optional
 import torch.nn as nn
 from torch import Tensor
 
-from .functional import autocast_output
+from . import functional as fn
 from .switchable import check_input
 
 __all__ = ["GroupNorm", "InstanceNorm2d", "LayerNorm2d", "NoNorm"]
@@ -32,7 +32,7 @@ class GroupNorm(nn.GroupNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(self, x, (3, 4, 5), "(N, C, H, W)")
-        return autocast_output(super().forward(x))
+        return fn.autocast_output(super().forward(x))
 
 
 class InstanceNorm2d(nn.InstanceNorm2d):
@@ -44,7 +44,7 @@ class InstanceNorm2d(nn.InstanceNorm2d):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(self, x, (4,), "(N, C, H, W)")
-        return autocast_output(self._apply_instance_norm(x))  # (shape checked above)
+        return fn.autocast_output(self._apply_instance_norm(x))  # (shape checked above)
 
 
 class LayerNorm2d(nn.GroupNorm):
@@ -58,7 +58,7 @@ class LayerNorm2d(nn.GroupNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(self, x, (3, 4, 5), "(N, C, H, W)")
-        return autocast_output(super().forward(x))
+        return fn.autocast_output(super().forward(x))
 
 
 class NoNorm(nn.Identity):

@@ -3,9 +3,9 @@
 ``y = gamma * (x - sum_k w_k mu_k) / sqrt(sum_k w'_k var_k + eps) + beta`` with
 ``k`` in (IN, LN, BN), ``w = softmax(mean_weight)``, ``w' = softmax(var_weight)``.
 All statistics come from the IN statistics (Eq. 4) in one pass over the input;
-see ``functional.py`` for the (N, C) algebra and the passes over the input
-(``ops.py``: custom operators) and ``batch_stats.py`` for ghost batches, SyncSN
-and batch-average inference.
+see ``algebra.py`` for the (N, C) algebra, ``ops.py`` for the passes over the
+input, ``functional.py`` for how a call runs (eager, compiled, fx) and
+``batch_stats.py`` for ghost batches, SyncSN and batch-average inference.
 
 Conventions (documented in docs/normalization.md):
 
@@ -155,18 +155,18 @@ class _SwitchNormBase(BatchStatsMixin, nn.Module):
         self._check_mode()
         use_batch = self.using_bn and (self.training or self.collecting)
         if not use_batch and not self.training and self._hard_bn_only():
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight,
-                                self.bias, False, 0.0, self.eps)
+            return fn.autocast_output(F.batch_norm(x, self.running_mean, self.running_var,
+                                                   self.weight, self.bias, False, 0.0, self.eps))
         ratios = self._ratios()
         running = (self.running_mean, self.running_var) if self.using_bn and not use_batch \
             else None
-        y, stats = fn.switch_norm(x, self.normalizers, self.eps, self.weight, self.bias, ratios,
-                                  batch=self._batch_spec(x) if use_batch else None,
-                                  running=running, unbiased=self._unbiased())
-        if stats is not None:
-            self._after_batch(stats, None)
+        out = fn.switch_norm(x, self.normalizers, self.eps, self.weight, self.bias, ratios,
+                             batch=self._batch_spec(x) if use_batch else None,
+                             running=running, unbiased=self._unbiased())
+        if use_batch:       # (indexed, not unpacked: a proxy while torch.fx traces)
+            self._after_batch(x, out[1], None)
         self._after_ratios(ratios)
-        return y
+        return out[0]
 
     def _unbiased(self) -> Optional[str]:
         """The authors' variance convention: Bessel-corrected IN variances (2d, 3d)."""

@@ -18,3 +18,13 @@ def free_port() -> int:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that skips without CUDA carries the ``gpu`` marker, so that ``pytest -m gpu``
+    (and ``tools/gpu_check.sh``) runs them all."""
+    for item in items:
+        needs_cuda = any("CUDA" in str(m.kwargs.get("reason", ""))
+                         for m in item.iter_markers("skipif"))
+        if needs_cuda and item.get_closest_marker("gpu") is None:
+            raise pytest.UsageError(f"{item.nodeid} needs CUDA but has no gpu marker")

@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+import torch.fx
 
 import normalization as N
 from normalization import ops
@@ -102,3 +103,17 @@ def test_autocast_cuda(name, kw, dtype):
     assert y.dtype == dtype
     rounding = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
     assert ((y.float() - ref).abs() <= rounding * ref.abs() + 1e-3).all()
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name,kw", NORMS, ids=lambda v: str(v))
+def test_fx_traced_layer_under_autocast_has_the_eager_dtype(name, kw, train):
+    """A torch.fx-traced normalizer run under autocast gives the eager layer's output: the
+    same dtype and the same values (the layer's call is one leaf of the graph)."""
+    x = torch.randn(8, 6, 5, 5, generator=torch.Generator().manual_seed(4)) + 50
+    layer = _layer(name, kw, train)
+    traced = torch.fx.symbolic_trace(copy.deepcopy(layer))
+    with torch.autocast("cpu", dtype=BF16):
+        y, y_traced = layer(x), traced(x)
+    assert y.dtype == y_traced.dtype == BF16
+    torch.testing.assert_close(y_traced, y, rtol=0, atol=0)

@@ -2,6 +2,7 @@
 import functools
 
 import pytest
+import torch
 import torch.nn as nn
 
 import normalization as N
@@ -49,9 +50,23 @@ def test_unknown_kwarg_is_an_error_naming_accepted_ones():
         N.build_norm("syncsn", 8, sync_group=3)
 
 
-def test_every_norm_accepts_ghost_batch_size():
-    for name in EXPECTED:
-        N.build_norm(name, 8, ghost_batch_size=4)
+@pytest.mark.parametrize("name", EXPECTED)
+def test_every_norm_accepts_ghost_batch_size(name):
+    """Every normalizer takes ``ghost_batch_size``; those with batch statistics compute them
+    per chunk (the first chunk's output does not depend on the second chunk's samples),
+    the others ignore it (each sample's output depends on that sample alone)."""
+    layer = N.build_norm(name, 8, ghost_batch_size=4).train()
+    x = torch.randn(8, 8, 5, 5)
+    other = x.clone()
+    other[4:] = torch.randn(4, 8, 5, 5) * 3 + 2       # a different second chunk
+    y, y_other = layer(x), layer(other)
+    torch.testing.assert_close(y[:4], y_other[:4], rtol=1e-5, atol=1e-5)
+    batch_stats = name in N.BATCH_STAT_NAMES
+    assert (getattr(layer, "ghost_batch_size", None) == 4) == batch_stats
+    if batch_stats:     # and within a chunk, the samples do share statistics
+        third = x.clone()
+        third[1:4] = torch.randn(3, 8, 5, 5) * 3 + 2
+        assert not torch.allclose(layer(third)[0], y[0], atol=1e-3)
 
 
 def test_bad_ghost_batch_size():

@@ -258,6 +258,36 @@ def check_layer_through_ops(dtype, layout):
         _assert_close(a, b, max(RTOL[dtype], 1e-5), 1e-4 + RTOL[dtype] * b.abs().max(), name)
 
 
+def check_self_check_catches(variant, dtype, layout):
+    """The self-check on the real (interpreted) kernels approves them, and catches a merge
+    kernel (statistics split into segments) or a ``grad_sums`` kernel without ``dx`` (the
+    variant the eager backward launches) that writes wrong numbers."""
+    from normalization import ops
+    from normalization import triton_kernels as tk
+    like = _make((2, 3, 4, 5), dtype, layout, 0)
+    if variant == "none":
+        assert ops._self_check(tk, like) is None
+        return
+    name = "_merge_stats_kernel" if variant == "merge" else "_grad_sums_kernel"
+    kernel = getattr(tk, name)
+
+    class Wrong:        # launches the real kernel, then bends one of its outputs
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                kernel[grid](*args, **kwargs)
+                if variant == "merge" or not kwargs["DX"]:
+                    args[3].add_(1e-3)  # the merged mean; the partial sums of g
+            return launch
+    setattr(tk, name, Wrong())
+    try:
+        reason = ops._self_check(tk, like)
+    finally:
+        setattr(tk, name, kernel)
+    expected = ("mismatch in mean [segments + merge]" if variant == "merge"
+                else "mismatch in sum g [one segment, no dx]")
+    assert reason is not None and expected in reason, reason
+
+
 def _cases():
     """id -> (check, kwargs); small shapes: the interpreter runs one program at a time."""
     cases = {}
@@ -304,6 +334,10 @@ def _cases():
     cases["edge_cases"] = (check_edge_cases, {})
     for dtype, layout in ((F32, "nchw"), (BF16, "cl")):
         add(check_layer_through_ops, dtype=dtype, layout=layout)
+    for variant in ("none", "merge", "no_dx"):
+        add(check_self_check_catches, variant=variant, dtype=F32, layout="nchw")
+    add(check_self_check_catches, variant="none", dtype=BF16, layout="cl")
+    add(check_self_check_catches, variant="merge", dtype=F16, layout="cl")
     return cases
 
 
@@ -451,6 +485,23 @@ def test_plans(shape, c_major, itemsize):
         if reduce and n * c * m >= 2 ** 20:     # and enough programs to fill an H100
             programs = n * math.ceil(c / p.block_c) * p.split
             assert programs >= min(2 * 132, n * c * math.ceil(m / p.block_m))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [F32, F16, BF16, F64])
+@pytest.mark.parametrize("layout", ["nchw", "cl", "3d"])
+def test_self_check_sample_reaches_the_merge(dtype, layout):
+    """The self-check's forced split takes effect in every dtype and layout, so the
+    segmented statistics, the merge kernel and segmented grad_sums run in it."""
+    from normalization import ops
+    from normalization import triton_kernels as tk
+    shape = ops._CHECK_SHAPE[3 if layout == "3d" else 4]
+    x = torch.empty(shape, dtype=dtype)
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x3 = tk._view3(x)
+    plan = tk._plan(*x3.shape, tk._c_major(x3), x3.element_size(), True, 132, ops._CHECK_SPLIT)
+    assert plan.split == ops._CHECK_SPLIT, plan
 
 
 @needs_triton

@@ -7,6 +7,7 @@ catch the first two with one warning and leave the native path in charge.
 (The real kernels pass the same self-check under TRITON_INTERPRET=1:
 ``test_triton.py``, case ``layer_through_ops``.)
 """
+import re
 import warnings
 
 import pytest
@@ -17,7 +18,11 @@ from normalization import ops
 
 
 class StandIn:
-    """The kernels API of ``triton_kernels`` on the native implementations, broken on demand."""
+    """The kernels API of ``triton_kernels`` on the native implementations, broken on demand:
+    ``raise`` (every call), ``wrong`` (every result), or one variant wrong: ``merge`` (the
+    statistics of a reduction split into segments), ``no_dx`` (``grad_sums`` without
+    ``dx``, the variant the eager backward launches), ``shifted`` (a variance off by 1e-4
+    relative: what a tolerance for half-precision outputs would let through)."""
     INTERPRET = False
     triton = object()
 
@@ -29,29 +34,32 @@ class StandIn:
         if self.fault == "raise":
             raise RuntimeError("ptxas fatal: simulated compile failure")
 
-    def _bend(self, t):
-        return t + 1.0 if self.fault == "wrong" else t
+    def _bend(self, t, variant=True):
+        return t + 1.0 if self.fault == "wrong" or (variant and self.fault not in (
+            None, "raise", "wrong", "shifted")) else t
 
-    def instance_stats(self, x):
+    def instance_stats(self, x, split=None):
         self._enter()
         mean, var = ops._native_stats(x)
-        return self._bend(mean), var
+        if self.fault == "shifted":
+            var = var * (1 + 1e-4)
+        return self._bend(mean, self.fault == "merge" and (split or 1) > 1), var
 
     def apply_scale_shift(self, x, mu, scale, shift, out=None):
         self._enter()
-        y = self._bend(ops._native_apply(x, mu, scale, shift, x.dtype))
+        y = self._bend(ops._native_apply(x, mu, scale, shift, x.dtype), False)
         return y if out is None else out.copy_(y)
 
-    def grad_sums(self, g, x, mu, scale=None, out=None):
+    def grad_sums(self, g, x, mu, scale=None, out=None, split=None):
         self._enter()
         sg, sgx, dx = ops._native_grad_sums(g, x, mu, scale)
         if out is not None:
             out.copy_(dx)
-        return self._bend(sg), sgx
+        return self._bend(sg, self.fault == "no_dx" and out is None), sgx
 
     def grad_input(self, g, x, mu, scale, a, b, out=None):
         self._enter()
-        dx = self._bend(ops._native_grad_input(g, x, mu, scale, a, b))
+        dx = self._bend(ops._native_grad_input(g, x, mu, scale, a, b), False)
         return dx if out is None else out.copy_(dx)
 
 
@@ -94,8 +102,11 @@ def _assert_same(got, want):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("fault,reason", [("raise", "self-check failed"),
-                                          ("wrong", "self-check mismatch")])
+@pytest.mark.parametrize("fault,reason", [
+    ("raise", "self-check failed"), ("wrong", "self-check mismatch"),
+    ("merge", r"self-check mismatch in mean \[segments \+ merge\]"),
+    ("no_dx", r"self-check mismatch in sum g \[one segment, no dx\]"),
+    ("shifted", r"self-check mismatch in var \[one segment\]")])
 def test_broken_kernels_fall_back_with_one_warning(kernels, fault, reason):
     stand_in = kernels(StandIn(fault))
     want = _native()
@@ -107,7 +118,7 @@ def test_broken_kernels_fall_back_with_one_warning(kernels, fault, reason):
         warnings.simplefilter("error")        # no second warning, no second attempt
         _assert_same(_step(), want)
     assert stand_in.calls == calls
-    assert all(reason in v for v in ops.triton_status().values())
+    assert all(re.search(reason, v) for v in ops.triton_status().values())
 
 
 def test_working_kernels_are_used(kernels):
@@ -160,3 +171,21 @@ def test_launches_on_the_inputs_device():
     with torch.cuda.device(0):
         y = layer.cuda(1)(x.cuda(1))
     torch.testing.assert_close(y.cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_launches_on_the_current_stream():
+    """On one GPU: a layer called under a side stream gives the default stream's result
+    (the kernels launch on the current stream of the input's device, after the work that
+    stream waits for)."""
+    torch.manual_seed(0)
+    x = (torch.randn(8, 64, 28, 28) * 2 + 3).cuda()
+    layer = N.build_norm("sn", 64, ghost_batch_size=2).cuda()
+    ref = layer(x)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        y = layer(x * 1.0)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
