@@ -121,9 +121,17 @@ class _Meters:
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top1, samples
         self.seconds = 0.0
         self.bad = 0
+        self.clock = time.perf_counter()
         if state:
             self.sums.copy_(torch.tensor(state[:3], dtype=torch.float64))
             self.seconds, self.bad = state[3], int(state[4])
+
+    def tick(self):
+        """Count the time since the last tick in ``seconds``. Ticked at every progress line
+        and before every save, so a checkpoint's seconds cover the samples it counts."""
+        now = time.perf_counter()
+        self.seconds += now - self.clock
+        self.clock = now
 
     def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor):
         n = targets.numel()
@@ -235,8 +243,8 @@ class Trainer:
         if folder.state is not None:
             self._load(folder.state, folder.path, forced=bool(folder.forced))
             folder.state = None  # the tensors now live in the model and optimizer
-            self.log(f"resumed from {folder.path}: epoch {self.epoch}, "
-                     f"iteration {self.iter}/{len(self.train_loader)}")
+            self.log(f"resumed from {folder.path}: epoch {self.epoch + 1}/{cfg.train.epochs} "
+                     f"after iteration {self.iter}/{len(self.train_loader)}")
         elif cfg.checkpoint.init:
             from models.checkpoint import load_weights
             state = load_checkpoint(cfg.checkpoint.init)
@@ -339,6 +347,8 @@ class Trainer:
 
     def save(self, meters: Optional[_Meters] = None, best: bool = False):
         """checkpoint_last.pth (and _best) with rank-averaged BN statistics; all ranks call."""
+        if meters is not None:
+            meters.tick()  # the stored seconds cover every stored sample
         average_running_stats(self.model)
         state = self._state(meters)
         if self.info.main:
@@ -395,6 +405,7 @@ class Trainer:
         self._choose_crop()
         loader.set_epoch(self.epoch, self.iter)
         window = {"start": time.perf_counter(), "data": 0.0, "iters": 0}
+        meters.clock = window["start"]
         bad = torch.full((), -1, dtype=torch.long, device=self.device)
         # on GPUs a check synchronises with the host: every 10 iterations at most
         check_every = 1 if self.device.type == "cpu" else min(cfg.train.print_freq, 10)
@@ -470,7 +481,7 @@ class Trainer:
         loss_sum, correct, n = meters.sums.tolist()
         elapsed = time.perf_counter() - window["start"]
         per_iter = elapsed / max(window["iters"], 1)
-        meters.seconds += elapsed
+        meters.tick()
         ips = cfg.batch.total / per_iter if per_iter > 0 else 0.0
         remaining = cfg.train.epochs * len(loader) - self.global_step
         if cfg.train.max_iters is not None:
@@ -489,6 +500,7 @@ class Trainer:
     def _end_epoch(self, meters: _Meters):
         """Reduce the epoch's sums, validate, log, save; then print the epoch's line."""
         cfg, start = self.cfg, time.perf_counter()
+        meters.tick()
         loss_sum, correct, n, bad = all_reduce_sum(meters.sums.tolist() + [float(meters.bad)],
                                                    self.device)
         seconds = meters.seconds
