@@ -21,13 +21,13 @@ MARK = torch.arange(64, dtype=torch.float32) + 0.25  # bytes easy to find in the
 
 def _not_checkpoints(folder):
     """Real files a user may pass by mistake."""
-    files = {"module.pth": None, "numpy.pkl": None, "random.bin": None, "empty.pth": None}
     torch.save(nn.Linear(3, 2), folder / "module.pth")  # a whole pickled model
     with open(folder / "numpy.pkl", "wb") as f:
         pickle.dump({"w": np.ones(3)}, f)  # plain pickle, protocol 5
     (folder / "random.bin").write_bytes(np.random.default_rng(0).bytes(4096))
     (folder / "empty.pth").write_bytes(b"")
-    return {name: str(folder / name) for name in files}
+    return {name: str(folder / name)
+            for name in ("module.pth", "numpy.pkl", "random.bin", "empty.pth")}
 
 
 def test_non_checkpoints_are_one_line_without_weights_only_advice(tmp_path, recwarn):
