@@ -20,6 +20,7 @@ import glob
 import hashlib
 import os
 import re
+import warnings
 from typing import Any, Dict, List
 
 import torch
@@ -104,18 +105,48 @@ def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
     is verified when the file has one."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: checkpoint file not found")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (the file is empty)")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's protocol: the error says enough
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a damaged or foreign file fails in many ways inside the unpickler
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})"
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_unreadable(e)})"
                               ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not a checkpoint (a {type(obj).__name__}, not a dict)")
     stored = obj.get("checksum")
     if isinstance(stored, str) and stored.startswith("sha256:") and checksum(obj) != stored:
+        others = [p for p in _run_checkpoints(path) if os.path.isfile(p)
+                  and not os.path.samefile(p, path)]
+        advice = f"; use another copy, or {others[0]}" if others else "; use another copy"
         raise CheckpointError(f"{path}: checksum mismatch: the file is damaged (changed after "
-                              "it was written); use another copy or checkpoint_best.pth")
+                              f"it was written){advice}")
     return obj
+
+
+def _run_checkpoints(path: str) -> List[str]:
+    """The checkpoints a run folder holds beside ``path``, best first."""
+    folder = os.path.dirname(os.path.abspath(path))
+    return [os.path.join(folder, "checkpoint_best.pth"),
+            os.path.join(folder, "checkpoint_last.pth")]
+
+
+def _unreadable(e: BaseException) -> str:
+    """Why torch.load(weights_only=True) refused a file, without torch's advice to load it
+    unrestricted (which runs whatever the file holds) or to allow-list its classes: the
+    file's own problem only."""
+    text, kind = str(e), type(e).__name__
+    if "WeightsUnpickler error:" in text:  # torch's wrapper around the unpickler's reason
+        text = text.split("WeightsUnpickler error:", 1)[1]
+        found = re.match(r"\s*Unsupported global: GLOBAL (\S+)", text)
+        if found:
+            return (f"it holds a pickled Python object, {found.group(1)}, and checkpoints are "
+                    "read as tensors and plain values only")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = lines[0].split("  (Could this error message be improved?")[0] if lines else ""
+    return kind if not line or "weights_only" in line else f"{kind}: {line}"
 
 
 def _alive(pid: int) -> bool:

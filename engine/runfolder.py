@@ -11,18 +11,23 @@ resumes from the same dict) and compares the config that produced it with ``cfg`
   so and exits 0 without touching anything;
 * any other difference: a one-line ``ConfigError`` naming the keys and the two ways
   out (``output_dir=...`` for a new run, ``train.resume=force`` to continue anyway).
+
+Writing into the folder: ``check_free_space`` refuses a start on a disk that cannot hold
+one checkpoint, and ``write_text``/``naming`` turn a failed write (a full disk or quota
+gives ``[Errno 28]`` or ``[Errno 122]`` without a path) into one line naming the file.
 """
 from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Tuple
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import Config, ConfigError, config_differences, config_fingerprint
 
-__all__ = ["RunFolder", "inspect_run_folder"]
+__all__ = ["RunFolder", "inspect_run_folder", "check_free_space", "write_text", "naming"]
 
 
 @dataclass
@@ -87,3 +92,39 @@ def _best_epoch(out: str) -> Optional[int]:
         return None
     rows = [r for r in rows if "val_top1" in r]
     return max(rows, key=lambda r: r["val_top1"])["epoch"] + 1 if rows else None
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def check_free_space(folder: str, need: int):
+    """A one-line ``OSError`` naming ``folder`` when its file system has fewer than ``need``
+    bytes free (the least one checkpoint takes), before anything is written. File systems
+    that report no size (some network mounts) are not checked."""
+    fs = os.statvfs(folder)
+    free = fs.f_bavail * fs.f_frsize
+    if fs.f_blocks and free < need:
+        raise OSError(f"{folder}: no room for a checkpoint ({_size(free)} free on its disk, one "
+                      f"checkpoint of this model takes at least {_size(need)}): free some "
+                      "space, or pass output_dir=... on another disk")
+
+
+@contextmanager
+def naming(path: str, what: str = ""):
+    """Re-raise an ``OSError`` of the block as one line naming ``path`` (and ``what``)."""
+    try:
+        yield
+    except OSError as e:
+        reason = e.strerror or str(e).strip().split("\n")[0] or type(e).__name__
+        raise OSError(f"{path}: cannot write{' ' + what if what else ''} ({reason})") from None
+
+
+def write_text(path: str, text: str, mode: str = "w"):
+    """Write (``mode="a"``: append) ``text`` to ``path``; a failure names the file."""
+    with naming(path):
+        with open(path, mode) as f:
+            f.write(text)

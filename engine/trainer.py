@@ -22,6 +22,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from typing import Dict, List, Optional
@@ -43,7 +44,7 @@ from .distributed import (DistInfo, all_gather_floats, all_reduce_max, all_reduc
                           thread_oversubscription)
 from .host_memory import keep_freed_memory
 from .optim import build_optimizer, build_scheduler, clip_gradients
-from .runfolder import RunFolder, inspect_run_folder
+from .runfolder import RunFolder, check_free_space, inspect_run_folder, naming, write_text
 
 __all__ = ["Trainer", "evaluate", "model_from_config", "NonFiniteLossError", "set_determinism"]
 
@@ -121,9 +122,17 @@ class _Meters:
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top1, samples
         self.seconds = 0.0
         self.bad = 0
+        self.clock = time.perf_counter()
         if state:
             self.sums.copy_(torch.tensor(state[:3], dtype=torch.float64))
             self.seconds, self.bad = state[3], int(state[4])
+
+    def tick(self):
+        """Count the time since the last tick in ``seconds``. Ticked at every progress line
+        and before every save, so a checkpoint's seconds cover the samples it counts."""
+        now = time.perf_counter()
+        self.seconds += now - self.clock
+        self.clock = now
 
     def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor):
         n = targets.numel()
@@ -235,8 +244,8 @@ class Trainer:
         if folder.state is not None:
             self._load(folder.state, folder.path, forced=bool(folder.forced))
             folder.state = None  # the tensors now live in the model and optimizer
-            self.log(f"resumed from {folder.path}: epoch {self.epoch}, "
-                     f"iteration {self.iter}/{len(self.train_loader)}")
+            self.log(f"resumed from {folder.path}: epoch {self.epoch + 1}/{cfg.train.epochs} "
+                     f"after iteration {self.iter}/{len(self.train_loader)}")
         elif cfg.checkpoint.init:
             from models.checkpoint import load_weights
             state = load_checkpoint(cfg.checkpoint.init)
@@ -246,10 +255,11 @@ class Trainer:
             os.makedirs(self.out, exist_ok=True)
             for path in remove_stale_temporaries(self.out):
                 self.log(f"removed {path}, left by a checkpoint write that was killed")
+            check_free_space(self.out, sum(t.numel() * t.element_size()
+                                           for t in self.model.state_dict().values()))
             if folder.forced:
                 self._keep_old_config(folder)
-            with open(os.path.join(self.out, "config.yaml"), "w") as f:
-                f.write(format_config(cfg))
+            write_text(os.path.join(self.out, "config.yaml"), format_config(cfg))
             self._trim_metrics()
 
     def _keep_old_config(self, folder: RunFolder):
@@ -304,14 +314,26 @@ class Trainer:
         with open(path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
         self.history = [r for r in rows if r["epoch"] <= self.epoch]  # epochs count from 1
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.history)
+        write_text(path, "".join(json.dumps(r) + "\n" for r in self.history))
 
     def _tensorboard(self):
         if not (self.cfg.log.tensorboard and self.info.main):
             return None
-        from torch.utils.tensorboard import SummaryWriter
-        return SummaryWriter(os.path.join(self.out, "tb"), purge_step=self.global_step)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("log.tensorboard is true but TensorBoard is not installed: pip "
+                             "install tensorboard, or pass log.tensorboard=false") from None
+        if self.cfg.log.ratio_figures and not _importable("matplotlib"):
+            raise ValueError("log.ratio_figures is true but matplotlib is not installed: pip "
+                             "install matplotlib, or pass log.ratio_figures=false")
+        _quiet_tensorboard_threads()
+        with naming(self.tb_dir, "the TensorBoard events"):
+            return SummaryWriter(self.tb_dir, purge_step=self.global_step)
+
+    @property
+    def tb_dir(self) -> str:
+        return os.path.join(self.out, "tb")
 
     # -- logging ---------------------------------------------------------------------------------
     def log(self, msg: str):
@@ -320,7 +342,8 @@ class Trainer:
 
     def _scalar(self, tag: str, value: float, step: int):
         if self.writer is not None:
-            self.writer.add_scalar(tag, value, step)
+            with naming(self.tb_dir, "the TensorBoard events"):
+                self.writer.add_scalar(tag, value, step)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _state(self, meters: Optional[_Meters]) -> dict:
@@ -339,6 +362,8 @@ class Trainer:
 
     def save(self, meters: Optional[_Meters] = None, best: bool = False):
         """checkpoint_last.pth (and _best) with rank-averaged BN statistics; all ranks call."""
+        if meters is not None:
+            meters.tick()  # the stored seconds cover every stored sample
         average_running_stats(self.model)
         state = self._state(meters)
         if self.info.main:
@@ -395,6 +420,7 @@ class Trainer:
         self._choose_crop()
         loader.set_epoch(self.epoch, self.iter)
         window = {"start": time.perf_counter(), "data": 0.0, "iters": 0}
+        meters.clock = window["start"]
         bad = torch.full((), -1, dtype=torch.long, device=self.device)
         # on GPUs a check synchronises with the host: every 10 iterations at most
         check_every = 1 if self.device.type == "cpu" else min(cfg.train.print_freq, 10)
@@ -470,7 +496,7 @@ class Trainer:
         loss_sum, correct, n = meters.sums.tolist()
         elapsed = time.perf_counter() - window["start"]
         per_iter = elapsed / max(window["iters"], 1)
-        meters.seconds += elapsed
+        meters.tick()
         ips = cfg.batch.total / per_iter if per_iter > 0 else 0.0
         remaining = cfg.train.epochs * len(loader) - self.global_step
         if cfg.train.max_iters is not None:
@@ -489,6 +515,7 @@ class Trainer:
     def _end_epoch(self, meters: _Meters):
         """Reduce the epoch's sums, validate, log, save; then print the epoch's line."""
         cfg, start = self.cfg, time.perf_counter()
+        meters.tick()
         loss_sum, correct, n, bad = all_reduce_sum(meters.sums.tolist() + [float(meters.bad)],
                                                    self.device)
         seconds = meters.seconds
@@ -532,8 +559,7 @@ class Trainer:
         """metrics.jsonl and TensorBoard (scalars, SN ratios, ratio figures)."""
         if not self.info.main:
             return
-        with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        write_text(os.path.join(self.out, "metrics.jsonl"), json.dumps(metrics) + "\n", "a")
         for key, value in metrics.items():
             if key != "epoch" and isinstance(value, (int, float)):
                 self._scalar(f"epoch/{key}", value, self.epoch)
@@ -544,7 +570,8 @@ class Trainer:
         if self.writer is not None and self.cfg.log.ratio_figures:
             from analysis import ratio_figures  # matplotlib: imported only when needed
             for tag, figure in ratio_figures(self.model, f"epoch {self.epoch}").items():
-                self.writer.add_figure(tag, figure, self.epoch)
+                with naming(self.tb_dir, "the TensorBoard events"):
+                    self.writer.add_figure(tag, figure, self.epoch)
 
     def _print_epoch(self, metrics: dict, after: float):
         """The epoch's line; its time is the whole epoch: training, then ``after`` seconds of
@@ -574,6 +601,27 @@ class Trainer:
         self.log(f"outputs in {self.out.rstrip('/')}/: metrics.jsonl, checkpoint_best.pth, "
                  f"checkpoint_last.pth, config.yaml" + (", tb/ (tensorboard --logdir "
                  f"{self.out}/tb)" if self.writer is not None else ""))
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
+
+def _quiet_tensorboard_threads():
+    """TensorBoard writes from a thread of its own: a failed write (a full disk) prints that
+    thread's traceback, then the trainer's next call to the writer raises the same error,
+    which the trainer reports in one line naming the folder. Keep only that line."""
+    previous = threading.excepthook
+    if getattr(previous, "quiet_tensorboard", False):
+        return
+
+    def hook(args):
+        if not (issubclass(args.exc_type, OSError)
+                and type(args.thread).__module__.startswith("tensorboard.")):
+            previous(args)
+    hook.quiet_tensorboard = True
+    threading.excepthook = hook
 
 
 def _hms(seconds: float) -> str:

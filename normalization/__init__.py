@@ -4,6 +4,8 @@ One factory over every normalizer of the paper (``build_norm``), the fused SN
 implementation, sparse SN, SyncBN/SyncSN, ghost batches, batch-average
 inference, and the helpers to read and switch the importance ratios.
 """
+__version__ = "0.1.0"
+
 from .batch_average import (abort_batch_average, batch_stat_layers, begin_batch_average,
                             finalize_batch_average, set_ghost_batches, update_batch_average)
 from .batchnorm import BatchNorm2d, SyncBatchNorm2d
