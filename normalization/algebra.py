@@ -51,7 +51,7 @@ def pool(mu: Tensor, var: Tensor, dim: int) -> Tuple[Tensor, Tensor, Tensor]:
     (which the backward needs)."""
     mean = mu.mean(dim, keepdim=True)
     dev = mu - mean
-    return mean, (var + dev * dev).mean(dim, keepdim=True), dev
+    return mean, torch.addcmul(var, dev, dev).mean(dim, keepdim=True), dev
 
 
 def out_dtype(x: Tensor) -> torch.dtype:
@@ -137,7 +137,7 @@ def batch_statistics(mu: Tensor, var: Tensor, batch: BatchSpec, unbiased_m: int 
     if batch.group is not None:
         shift = batch.shift.detach().to(mu.dtype)
         d = mu - shift
-        packed = torch.cat([d, var + d * d, torch.ones_like(mu[:, :1])], 1)
+        packed = torch.cat([d, torch.addcmul(var, d, d), torch.ones_like(mu[:, :1])], 1)
         packed = ops.all_reduce_sum(chunk_sum(packed, sizes), batch.group)
         count = packed[:, -1:]
         mean_d = packed[:, :c] / count
@@ -151,7 +151,7 @@ def batch_statistics(mu: Tensor, var: Tensor, batch: BatchSpec, unbiased_m: int 
         count = mu.new_tensor(sizes)[:, None]
         mean = chunk_sum(mu, sizes) / count
         dev = mu - per_sample(mean, sizes)
-        bvar = chunk_sum(var + dev * dev, sizes) / count
+        bvar = chunk_sum(torch.addcmul(var, dev, dev), sizes) / count
     factor = None
     if unbiased_m:
         factor = bessel(count * unbiased_m)
@@ -183,9 +183,10 @@ def mix(means: Sequence[Tensor], variances: Sequence[Tensor], w: Tensor
     both = (*means, *variances)
     n, c = torch.broadcast_shapes(*(t.shape for t in both))
     k = len(means)
-    stacked = torch.stack([t.expand(n, c) for t in both]).view(2, k, n, c)
-    mixed = (stacked * w.view(2, k, 1, 1)).sum(1)
-    return mixed[0], mixed[1], stacked
+    stacked = torch.stack([t if t.shape == (n, c) else t.expand(n, c) for t in both])
+    stacked = stacked.view(2, k, n, c)
+    mean, var = (stacked * w.view(2, k, 1, 1)).sum(1).unbind(0)
+    return mean, var, stacked
 
 
 # -- one layer ------------------------------------------------------------------------------

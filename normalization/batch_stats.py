@@ -9,7 +9,7 @@ statistics, and the paper's batch-average inference (Sec. 4.1.3, "Inference").
   depend on how many virtual GPUs a process holds.
 * Sync: in training, under an initialised process group of more than one rank,
   chunk ``j`` of every rank is pooled (with ``ghost_batch_size=None``: the
-  whole global batch). One differentiable all-reduce (``sn::all_reduce_sum``)
+  whole global batch). One differentiable all-reduce (``ops.all_reduce_sum``)
   of concatenated float32 sums forward, whose gradient is one all-reduce
   backward. Every rank must hold the same number of chunks. In eval, or
   without a process group, statistics are local.

@@ -153,7 +153,7 @@ def _batch_backward(ctx, saved, part: Tensor) -> Tensor:
     """The BN branch's share (2, N, C) of the gradients of its per-sample mean and variance,
     averaged per chunk (over the ranks too when synchronised) and spread back: (2, N or 1, C)."""
     spec, sizes = ctx.spec, ctx.sizes
-    count, factor = saved[_COUNT][:, None], saved[_FACTOR]   # factor: None without Bessel
+    factor = saved[_FACTOR]             # None without pooled Bessel
     if len(sizes) == 1 and spec.group is None:
         pooled = part.sum(1, keepdim=True).mul_(1.0 / max(sizes[0], 1))
         if factor is not None:
@@ -165,7 +165,7 @@ def _batch_backward(ctx, saved, part: Tensor) -> Tensor:
         sums[:, c:].mul_(factor)
     if spec.group is not None:
         sums = ops.all_reduce_sum(sums, spec.group)
-    sums = per_sample(sums / count, sizes)
+    sums = per_sample(sums / saved[_COUNT][:, None], sizes)
     return torch.stack([sums[:, :c], sums[:, c:]])
 
 

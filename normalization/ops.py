@@ -88,13 +88,14 @@ def _native_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
     n, c = x.shape[:2]
     m = math.prod(x.shape[2:])
     acc = acc_dtype(x)
-    xf = x.to(acc, memory_format=torch.contiguous_format).reshape(n, c, m)
+    xf = x.to(acc, memory_format=torch.contiguous_format).contiguous()  # (.to returns a float32 x as is)
     if xf.numel() == 0:     # NaN for rows of no positions, as var_mean
         mean = torch.full((n, c), math.nan if m == 0 else 0.0, dtype=acc, device=x.device)
         return mean, mean.clone()
     if x.is_cuda:           # shifted by each row's first value: accurate at any mean
-        first = xf[..., :1]
-        var, mean = torch.var_mean(xf - first, -1, correction=0)
+        rows = xf.view(n, c, m)
+        first = rows[..., :1]
+        var, mean = torch.var_mean(rows - first, -1, correction=0)
         return mean + first[..., 0], var
     _, mean, rstd = torch.native_group_norm(xf, None, None, n, c, m, c, 0.0)
     var = rstd.square_().reciprocal_()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -116,6 +117,42 @@ def bench_shape(shape, norms, device, mode, warmup, repeats, block=3):
     return {n: statistics.median(ts) for n, ts in times.items()}
 
 
+# The candidates for the per-(sample, channel) statistics pass on the CPU (ops._native_stats):
+# the one that serves, and those it was chosen over (docs/internals.md quotes this table).
+STATS_IMPLS = {
+    "group-norm kernel": lambda x, n, c, m: torch.native_group_norm(x, None, None, n, c, m, c,
+                                                                    0.0),
+    "batch_norm_update_stats": lambda x, n, c, m: torch.batch_norm_update_stats(
+        x.view(1, n * c, m), None, None, 0.0),
+    "var_mean": lambda x, n, c, m: torch.var_mean(x.view(n, c, m), -1, correction=0),
+}
+
+
+def bench_statistics(shapes, warmup, repeats, block=3):
+    """Median milliseconds of each statistics candidate at each shape (CPU, float32)."""
+    rows = []
+    timer = Timer(torch.device("cpu"))
+    for shape in shapes:
+        n, c = shape[:2]
+        m = math.prod(shape[2:])
+        x = torch.randn(shape)
+        times = {k: [] for k in STATS_IMPLS}
+        for i in range(warmup + repeats):
+            for k, f in STATS_IMPLS.items():
+                for _ in range(block):
+                    t = timer(lambda: f(x, n, c, m))
+                    if i >= warmup:
+                        times[k].append(t)
+        rows.append((shape, {k: statistics.median(v) for k, v in times.items()}))
+    first = next(iter(STATS_IMPLS))
+    print(f"\ncpu statistics pass: ms (ratio to the {first})")
+    print(f"{'shape':>20s} " + " ".join(f"{k:>26s}" for k in STATS_IMPLS))
+    for shape, res in rows:
+        print(f"{str(tuple(shape)):>20s} " + " ".join(
+            f"{res[k]:15.3f} ({res[k] / res[first]:6.2f}x)" for k in STATS_IMPLS))
+    return rows
+
+
 def print_table(title, rows, norms):
     print(f"\n{title}: forward+backward ms (ratio to bn)")
     head = f"{'shape':>20s} " + " ".join(f"{n:>16s}" for n in norms)
@@ -147,6 +184,9 @@ def main(argv=None):
     ap.add_argument("--system-malloc", action="store_true",
                     help="leave glibc malloc as it is (default: as train.py on the CPU, "
                          "engine.host_memory.keep_freed_memory())")
+    ap.add_argument("--statistics", action="store_true",
+                    help="only time the CPU statistics candidates (group-norm kernel, "
+                         "batch_norm_update_stats, var_mean) at the shapes")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     where = torch.device("cuda" if args.device == "cuda" else "cpu")  # the CPU unless cuda only
@@ -159,6 +199,9 @@ def main(argv=None):
         return norms if "bn" in norms else ["bn"] + norms
     shapes = SHAPES if not args.shapes else [
         tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
+    if args.statistics:
+        bench_statistics(shapes, args.warmup, args.repeats, args.block)
+        return
     runs = []
     if args.device in ("all", "cpu"):
         runs.append(("cpu", "fp32"))

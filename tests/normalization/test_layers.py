@@ -176,3 +176,27 @@ def test_cuda_matches_cpu(name, layout):
     torch.testing.assert_close(xg.grad.cpu(), xc.grad, rtol=1e-5, atol=1e-5)
     for (n, p), q in zip(cpu.named_parameters(), gpu.parameters()):
         torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name,kw", [("sn", {}), ("sn", {"ghost_batch_size": 2}), ("ssn", {}),
+                                     ("syncsn", {}), ("bn", {"ghost_batch_size": 2}),
+                                     ("sn", {"using_bn": False}), ("gn", {"num_groups": 2})],
+                         ids=str)
+def test_empty_batch_behaves_like_batchnorm(name, kw, train):
+    """N = 0: an empty output of the input's shape, running statistics untouched, a
+    backward that gives zero gradients, as nn.BatchNorm2d does."""
+    layer = N.build_norm(name, 4, **kw).train(train)
+    oracle = torch.nn.BatchNorm2d(4).train(train)
+    buffers = {k: v.clone() for k, v in layer.named_buffers()}
+    x = torch.randn(0, 4, 5, 3, requires_grad=True)
+    y, y_oracle = layer(x), oracle(x)
+    assert y.shape == y_oracle.shape == (0, 4, 5, 3) and y.dtype == y_oracle.dtype
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(layer.weight.grad, torch.zeros(4))
+    for k, v in layer.named_buffers():
+        if not k.endswith("num_batches_tracked"):
+            assert torch.equal(v, buffers[k]), k
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16

@@ -140,4 +140,12 @@ def test_tensorboard_history_matches_the_checkpoint(tiny_run):
     for name, r in snap.ratios.items():
         for stat in ("mean", "var"):
             np.testing.assert_allclose(history.series[name][stat][-1], r[stat], atol=1e-6)
-    assert torch.is_tensor(torch.as_tensor(history.divergence()[name]))
+    divergence = history.divergence()    # every layer, every epoch: D(mean ratios || var ratios)
+    assert set(divergence) == set(snap.layers)
+    for name, series in history.series.items():
+        assert divergence[name].shape == (2,)
+        for epoch in range(2):
+            assert divergence[name][epoch] == pytest.approx(
+                symmetric_kl(series["mean"][epoch], series["var"][epoch]), rel=1e-12)
+    assert divergence[name][-1] == pytest.approx(
+        symmetric_kl(snap.ratios[name]["mean"], snap.ratios[name]["var"]), rel=1e-4, abs=1e-9)
