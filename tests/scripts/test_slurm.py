@@ -72,7 +72,9 @@ def test_preemption_saves_completes_and_resumes(slurm_cluster, slurm_run, script
 
     start = len(text)  # --open-mode=append: the requeued job writes to the same log
     cluster.run("scontrol", "requeue", str(job_id))
-    cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")  # not in 2 minutes
+    # it would wait 2 minutes (cred_expire); in the second its last run ended, slurmd refuses
+    # to start it again ("Job credential revoked"): in 2 s
+    cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now+2")
     job = preempt(job_id, r"^epoch 2/2 iter 1/6 ", start)
     text = log.read_text()[start:]
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), text
