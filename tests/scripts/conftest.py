@@ -187,7 +187,7 @@ def wait_for_line(path: Path, pattern: str, proc_alive, timeout: float, start: i
                          f"{path.read_text(errors='replace') if path.exists() else '(none)'}")
 
 
-# -- the SLURM cluster ------------------------------------------------------------------------------
+# -- the SLURM cluster --------------------------------------------------------------------------
 class SlurmCluster:
     """Two slurmd nodes (n1, n2), one slurmctld, one munged, all in ``folder``."""
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import (assert_same_weights, checkpoint, metrics, wait_for_line)
+from .conftest import assert_same_weights, checkpoint, metrics, wait_for_line
 
 pytestmark = pytest.mark.slurm
 
