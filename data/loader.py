@@ -14,8 +14,11 @@ left out, so every image counts at most once. Either way it is counted in
 """
 from __future__ import annotations
 
+import atexit
+import os
 import signal
 import sys
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, NamedTuple, Optional, Tuple
@@ -64,9 +67,46 @@ def collate_samples(samples: list) -> Batch:
 def _ignore_sigterm(worker_id: int) -> None:
     """DataLoader workers ignore SIGTERM: torchrun, SLURM and ``kill -TERM -- -PGID`` signal
     the whole process group, and the main process decides (the trainer saves and exits;
-    the workers then follow their parent)."""
+    the workers then follow their parent). A worker dies with its parent: see
+    :func:`_die_with_parent`."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """SIGKILL this worker as soon as its parent dies (Linux; elsewhere PyTorch's watchdog
+    notices within 5 s). A forked worker holds copies of its parent's sockets, the process
+    group's too: while an orphaned worker lives on, the other ranks do not see that a
+    killed rank's connections closed, and wait in their next collective instead of failing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import multiprocessing
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before prctl
+        os._exit(1)
+
+
+#: The loaders whose DataLoader workers may be alive (see _stop_workers_at_exit).
+_LIVE: "weakref.WeakSet[TorchvisionLoader]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_workers_at_exit() -> None:
+    """Stop the workers of every loader still alive when the process exits.
+
+    At exit, multiprocessing stops daemonic children with SIGTERM, which these workers
+    ignore, and then waits for them: a process that ended with a loader's persistent
+    workers alive (a traceback holds the trainer, a script holds a loader) waited forever
+    (PyTorch stops persistent workers at exit itself only with pin_memory). Registered
+    after multiprocessing's own exit function, this one runs before it."""
+    for loader in list(_LIVE):
+        loader.close()
 
 
 @contextmanager
@@ -99,6 +139,8 @@ class TorchvisionLoader(Loader):
         self._options = dict(num_workers=workers, pin_memory=pin_memory,
                              prefetch_factor=prefetch_factor)
         self._loader = self._data_loader()
+        if workers > 0:
+            _LIVE.add(self)
 
     def _data_loader(self) -> DataLoader:
         # A generator of its own: starting an epoch draws the workers' base seed from it, not
@@ -186,6 +228,15 @@ class TorchvisionLoader(Loader):
                             f"its place: are the images under {self.images.image_dir} readable?")
 
     def close(self) -> None:
+        """Stop the DataLoader workers now, the way the DataLoader does when it is freed,
+        and release it."""
+        iterator = getattr(self._loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            for worker in getattr(iterator, "_workers", []):
+                if worker.is_alive():  # it ignores the SIGTERM of the shutdown's last resort
+                    os.kill(worker.pid, signal.SIGKILL)
+                    worker.join()
         self._loader = None
 
 

@@ -2,6 +2,9 @@
 import dataclasses
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -164,6 +167,55 @@ def test_workers_ignore_sigterm(folder_root):
         os.kill(w.pid, signal.SIGTERM)
     assert len(list(batches)) == len(loader) - 1
     assert all(w.is_alive() for w in workers)
+
+
+_CHILD = """
+import sys, time
+from data import DataConfig, build_loader
+loader = build_loader(DataConfig(root=sys.argv[1], backend="torchvision", workers=1,
+                                 image_size=24, val_resize=28, val_crop=24), "train", 3)
+loader.set_epoch(0)
+batches = iter(loader)
+next(batches)
+print(loader._loader._iterator._workers[0].pid, flush=True)
+if sys.argv[2] == "raise":
+    raise RuntimeError("the loader's worker is alive")
+time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux: /proc, PDEATHSIG")
+@pytest.mark.parametrize("end", ["raise", "kill"])
+def test_workers_end_with_their_process(folder_root, end):
+    """A process that ends with a traceback while its loader's worker lives exits (before,
+    multiprocessing's exit function stopped the worker with SIGTERM, which it ignores, and
+    waited for it forever); a process killed with SIGKILL takes its worker along at once
+    (before, the orphan lived on for up to 5 s, holding copies of its parent's sockets: the
+    other ranks of a killed rank kept waiting on them)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(folder_root), end], cwd=root,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        worker = int(proc.stdout.readline())
+        if end == "kill":
+            proc.kill()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    if end == "raise":
+        assert proc.returncode == 1 and "the loader's worker is alive" in err
+    deadline = time.monotonic() + 1  # PyTorch's watchdog would take 0-5 s
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(worker)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
