@@ -45,6 +45,7 @@ Implementations (``docs/normalization.md`` has the figures):
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -88,7 +89,8 @@ def _native_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
     n, c = x.shape[:2]
     m = math.prod(x.shape[2:])
     acc = acc_dtype(x)
-    xf = x.to(acc, memory_format=torch.contiguous_format).contiguous()  # (.to returns a float32 x as is)
+    # (.to returns a float32 x as it is, whatever its strides)
+    xf = x.to(acc, memory_format=torch.contiguous_format).contiguous()
     if xf.numel() == 0:     # NaN for rows of no positions, as var_mean
         mean = torch.full((n, c), math.nan if m == 0 else 0.0, dtype=acc, device=x.device)
         return mean, mean.clone()
@@ -341,16 +343,8 @@ def _variants(tk, x, g, scale, shift, a, b) -> Dict[str, Tensor]:
     return out
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _device_guard(x: Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else _nullcontext()
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _with_triton(x: Tensor, triton_fn, native_fn):
@@ -518,7 +512,8 @@ grad_sums = _define("grad_sums(Tensor g, Tensor x, Tensor mu, Tensor? scale=None
                                                   if scale is not None else x.new_empty(0)))
 #: ``dx = g * scale + (x - mu) * a + b`` with (N, C) coefficients, in x's dtype and format.
 grad_input = _define("grad_input(Tensor g, Tensor x, Tensor mu, Tensor scale, Tensor a, "
-                     "Tensor b) -> Tensor", grad_input_impl, lambda g, x, *rest: torch.empty_like(x))
+                     "Tensor b) -> Tensor", grad_input_impl,
+                     lambda g, x, *rest: torch.empty_like(x))
 
 
 # -- a differentiable all-reduce for SyncBN / SyncSN --------------------------------------

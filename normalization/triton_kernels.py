@@ -2,7 +2,7 @@
 
 The paper's Eq. (4) needs only the per-(sample, channel) IN statistics of the
 input; everything else (LN and BN statistics, ratios, Eq. (3) and (5)) is an
-(N, C)-sized computation (``functional.Coefficients``). What remains on the
+(N, C)-sized computation (``algebra.coefficients``). What remains on the
 large tensors are three passes, written here as fused Triton kernels:
 
 1. ``instance_stats``: per-(n, c) mean and biased variance in one read of x;
