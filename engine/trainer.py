@@ -484,8 +484,9 @@ class Trainer:
                 f"good checkpoint is {kept}")
         if broadcast_flag(self.stop_requested, self.device):
             self.save(meters)
-            self.log(f"SIGTERM: saved {self.last_path} at epoch {self.epoch} iteration "
-                     f"{self.iter}; run the same command to resume")
+            self.log(f"SIGTERM: saved {self.last_path} in epoch {self.epoch + 1}/"
+                     f"{self.cfg.train.epochs} after iteration {self.iter}/"
+                     f"{len(self.train_loader)}; run the same command to resume")
             return True
         if self.iter % self.cfg.train.print_freq == 0 or last:
             self._progress(meters, window)

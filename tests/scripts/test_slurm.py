@@ -65,8 +65,8 @@ def test_preemption_saves_completes_and_resumes(slurm_cluster, slurm_run, script
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), text
     state = checkpoint(out)  # only SIGTERM writes one (checkpoint.every_iters=0)
     assert state["epoch"] == 0 and 1 <= state["iter"] < 6 and len(state["meters"]) == 2
-    assert (f"SIGTERM: saved {out}/checkpoint_last.pth at epoch 0 iteration {state['iter']}"
-            in text)
+    assert (f"SIGTERM: saved {out}/checkpoint_last.pth in epoch 1/2 after iteration "
+            f"{state['iter']}/6" in text)
     assert "train_slurm.sbatch: SIGTERM: the training processes save" in text
     assert "Killed" not in text and "srun: error" not in text, text
 
