@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config, items):
     """Every test that skips without CUDA carries the ``gpu`` marker, so that ``pytest -m gpu``
     (and ``tools/gpu_check.sh``) runs them all."""
     for item in items:
-        needs_cuda = any("CUDA" in str(m.kwargs.get("reason", ""))
-                         for m in item.iter_markers("skipif"))
+        needs_cuda = any(m.args and m.args[0] is True and "CUDA" in str(m.kwargs.get("reason"))
+                         for m in item.iter_markers("skipif"))   # (skipped here for want of CUDA)
         if needs_cuda and item.get_closest_marker("gpu") is None:
             raise pytest.UsageError(f"{item.nodeid} needs CUDA but has no gpu marker")
