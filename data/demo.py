@@ -215,9 +215,12 @@ def render_demo_image(label: int, size: int, seed: int, variant: str = "shapes")
 
 # --- generation -------------------------------------------------------------
 
-def default_demo_root(size: int = 72, variant: str = "shapes") -> Path:
-    """Where ``ensure_demo_dataset(None, size, variant=variant)`` keeps the default counts."""
-    return _default_root(size, (len(DEMO_CLASSES), TRAIN_PER_CLASS, VAL_PER_CLASS), variant)
+def default_demo_root(size: int = 72, variant: str = "shapes",
+                      val_per_class: Optional[int] = None) -> Path:
+    """Where ``ensure_demo_dataset(None, size, variant=variant, val_per_class=...)`` keeps
+    the dataset (10 classes of 300 training images; ``val_per_class`` None: 50)."""
+    counts = (len(DEMO_CLASSES), TRAIN_PER_CLASS, val_per_class or VAL_PER_CLASS)
+    return _default_root(size, counts, variant)
 
 
 def _default_root(size: int, counts: Tuple[int, int, int], variant: str = "shapes") -> Path:
