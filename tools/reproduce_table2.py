@@ -80,21 +80,25 @@ CLAIM_SETTINGS = ((8, 32), (8, 8), (8, 2), (1, 16))
 #: ``--extra-seeds`` by default: 3 seeds in those cells, 5 at (8, 32), whose 143 steps leave
 #: a run's top-1 anywhere in a range of 14-26 points (docs/table2_demo/recipe.md).
 DEFAULT_EXTRA_SEEDS = {"demo": ("8x32,8x8,8x2,1x16=1,2", "8x32=3,4"), "imagenet": ()}
-#: A run's top-1: the mean of its last N validated epochs (see README: measured spread).
-DEFAULT_LAST_EPOCHS = {"demo": 2, "imagenet": 1}
+#: A run's top-1: the mean of its last N validated epochs. At the demo scale the last epoch:
+#: the mean of the last 2 gave the same spread over seeds (docs/reproducing.md).
+DEFAULT_LAST_EPOCHS = {"demo": 1, "imagenet": 1}
 #: Validation images per class of the generated dataset of the demo grid (10 classes).
 VAL_PER_CLASS = 200
-#: Seconds per epoch of each cell at the demo scale, one thread a cell, two cells at once on
-#: a 2-core machine (README: how measured); the ETA uses them until cells of the same norm
-#: and setting finish, scaled by how fast the finished cells ran against them.
+#: Wall seconds per epoch of each cell at the demo scale, as the default grid ran on this
+#: project's 2-core machine (--jobs 2, one thread a cell; docs/table2_demo/table2_runs.csv,
+#: the mean over seeds); the ETA uses them until cells of the same norm and setting finish,
+#: scaled by how fast the finished cells ran against them.
 MEASURED_EPOCH_SECONDS: Dict[str, Dict[Tuple[str, Tuple[int, int]], float]] = {"demo": {
-    ("bn", (8, 32)): 9.8, ("gn", (8, 32)): 9.0, ("sn", (8, 32)): 11.2,
-    ("bn", (8, 16)): 10.8, ("gn", (8, 16)): 9.5, ("sn", (8, 16)): 12.4,
-    ("bn", (8, 8)): 13.0, ("gn", (8, 8)): 9.9, ("sn", (8, 8)): 14.0,
-    ("bn", (8, 4)): 16.0, ("gn", (8, 4)): 13.8, ("sn", (8, 4)): 19.3,
-    ("bn", (8, 2)): 20.1, ("gn", (8, 2)): 13.6, ("sn", (8, 2)): 24.6,
-    ("bn", (1, 16)): 14.9, ("gn", (1, 16)): 14.6, ("sn", (1, 16)): 22.5,
-    ("bn", (1, 32)): 14.1}}
+    ("bn", (8, 32)): 9.7, ("gn", (8, 32)): 8.9, ("sn", (8, 32)): 11.1,
+    ("bn", (8, 16)): 10.6, ("gn", (8, 16)): 9.3, ("sn", (8, 16)): 12.1,
+    ("bn", (8, 8)): 11.7, ("gn", (8, 8)): 9.8, ("sn", (8, 8)): 13.4,
+    ("bn", (8, 4)): 13.4, ("gn", (8, 4)): 10.3, ("sn", (8, 4)): 16.7,
+    ("bn", (8, 2)): 18.8, ("gn", (8, 2)): 13.1, ("sn", (8, 2)): 23.5,
+    ("bn", (1, 16)): 14.0, ("gn", (1, 16)): 13.7, ("sn", (1, 16)): 23.1,
+    ("bn", (1, 32)): 11.8, ("gn", (1, 32)): 11.1, ("sn", (1, 32)): 16.9,
+    ("gn", (8, 1)): 18.3, ("sn", (8, 1)): 27.6,
+    ("bn", (1, 8)): 18.4, ("gn", (1, 8)): 17.9, ("sn", (1, 8)): 34.2}}
 
 #: The paper's Table 2 (top-1 % on ImageNet val, ResNet-50, 100 epochs), as printed, in the
 #: order of SETTINGS; None is its "-" (BN does not converge at (8, 1)).
@@ -907,19 +911,19 @@ def fig_layers(ratios, stem: str, formats: Sequence[str] = ("png", "svg")) -> Li
 
 def spread_markdown(results: Dict[Cell, List[dict]], last: int) -> str:
     """Per cell with 2+ seeds: the seeds' standard deviation and range of the last epoch's
-    top-1 and of the mean of the last ``last`` epochs, the evidence for choosing one."""
-    if last < 2:
-        return ""
-    final, averaged = cell_results(results, 1), cell_results(results, last)
+    top-1 and of the mean of the last ``max(last, 2)`` epochs, the evidence for choosing
+    the table's measure (``last``)."""
+    other = max(last, 2)
+    final, averaged = cell_results(results, 1), cell_results(results, other)
     keys = [(n, st) for st in SETTINGS for n in NORMS if len(final.get((n, st), {})) > 1]
     if not keys:
         return ""
-    lines = [f"## The last epoch or the mean of the last {last}", "",
+    lines = [f"## The last epoch or the mean of the last {other}", "",
              f"The spread over seeds of each cell with 2+ seeds: the standard deviation and "
              f"the range (max - min) of the last epoch's top-1 and of the mean of the last "
-             f"{last} epochs (the table's measure).", "",
-             "| cell | seeds | sd, last epoch | sd, last " f"{last} | range, last epoch | "
-             f"range, last {last} |", "|---|---:|---:|---:|---:|---:|"]
+             f"{other} epochs (the table's measure: the {_measure(last)}).", "",
+             "| cell | seeds | sd, last epoch | sd, last " f"{other} | range, last epoch | "
+             f"range, last {other} |", "|---|---:|---:|---:|---:|---:|"]
     sums = [0.0, 0.0]
     for key in keys:
         a, b = _stat(final[key]), _stat(averaged[key])
@@ -1103,8 +1107,8 @@ def parse_args(argv=None):
     ap.add_argument("--epochs", type=int, help="epochs of every cell (default: the configs'); "
                     "the step epochs keep their fractions of training")
     ap.add_argument("--last-epochs", dest="last", type=int, help="a run's top-1 is the mean "
-                    "of its last N validated epochs (default: 2 at the demo scale, 1 at "
-                    "imagenet)")
+                    "of its last N validated epochs (default 1: the last epoch; table2.md "
+                    "compares its spread with the mean of the last 2)")
     ap.add_argument("--nproc", type=int, default=0, help="run each cell under torchrun with "
                     "this many processes (reduced to a divisor of its #GPUs); 0: one process")
     ap.add_argument("--jobs", type=int, help="cells trained at once, each with cores/jobs "
