@@ -12,30 +12,21 @@ import sys
 import threading
 
 import pytest
-import yaml
 
-from data import ensure_demo_dataset
 from engine.config import load_config, resolve
 from engine.distributed import DistInfo
 from engine.trainer import Trainer
+
+from . import write_tiny_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    base = tmp_path_factory.mktemp("outputs")
-    root = ensure_demo_dataset(str(base / "data"), size=28, num_classes=2, train_per_class=4,
-                               val_per_class=1)
-    cfg = {"data": {"dataset": "imagenet", "root": str(root), "image_size": 20, "val_resize": 24,
-                    "val_crop": 20, "workers": 0, "backend": "torchvision"},
-           "model": {"name": "resnet18_v1", "norm": "sn", "num_classes": 2, "width": 4,
-                     "stem": "small"},
-           "batch": {"gpus": 2, "per_gpu": 2}, "optim": {"base_lr": 0.1},
-           "train": {"epochs": 1, "device": "cpu"}}
-    path = base / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
+    return write_tiny_run_config(
+        tmp_path_factory.mktemp("outputs"), size=28, num_classes=2, train_per_class=4,
+        val_per_class=1, batch={"per_gpu": 2}, optim={"base_lr": 0.1})
 
 
 @pytest.fixture

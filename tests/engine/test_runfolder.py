@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from data import BadImageError, ensure_demo_dataset
+from data import BadImageError
 from engine.checkpoint import (CheckpointError, load_checkpoint, remove_stale_temporaries,
                                save_checkpoint)
 from engine.config import (RESUMABLE_KEYS, ConfigError, config_fingerprint, load_config,
@@ -18,23 +18,16 @@ from engine.distributed import DistInfo, thread_oversubscription
 from engine.runfolder import inspect_run_folder
 from engine.trainer import Trainer
 
+from . import write_tiny_run_config
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A 2-class generated dataset (16 train / 4 val images of 32 px) and its config file."""
-    base = tmp_path_factory.mktemp("runfolder")
-    root = ensure_demo_dataset(str(base / "data"), size=32, num_classes=2, train_per_class=8,
-                               val_per_class=2)
-    cfg = {"data": {"dataset": "imagenet", "root": str(root), "image_size": 24, "val_resize": 28,
-                    "val_crop": 24, "workers": 0, "backend": "torchvision"},
-           "model": {"name": "resnet18_v1", "norm": "sn", "num_classes": 2, "width": 4,
-                     "stem": "small"},
-           "batch": {"gpus": 2, "per_gpu": 4}, "optim": {"base_lr": 0.4},
-           "train": {"epochs": 1, "print_freq": 100, "device": "cpu"},
-           "log": {"tensorboard": False}}
-    path = base / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
+    return write_tiny_run_config(
+        tmp_path_factory.mktemp("runfolder"), size=32, num_classes=2, train_per_class=8,
+        val_per_class=2, batch={"per_gpu": 4}, optim={"base_lr": 0.4},
+        train={"print_freq": 100}, log={"tensorboard": False})
 
 
 def _cfg(tiny, out, *overrides):
