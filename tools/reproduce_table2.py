@@ -80,9 +80,6 @@ CLAIM_SETTINGS = ((8, 32), (8, 8), (8, 2), (1, 16))
 #: ``--extra-seeds`` by default: 3 seeds in those cells, 5 at (8, 32), whose 143 steps leave
 #: a run's top-1 anywhere in a range of 14-26 points (docs/table2_demo/recipe.md).
 DEFAULT_EXTRA_SEEDS = {"demo": ("8x32,8x8,8x2,1x16=1,2", "8x32=3,4"), "imagenet": ()}
-#: A run's top-1: the mean of its last N validated epochs. At the demo scale the last epoch:
-#: the mean of the last 2 gave the same spread over seeds (docs/reproducing.md).
-DEFAULT_LAST_EPOCHS = {"demo": 1, "imagenet": 1}
 #: Validation images per class of the generated dataset of the demo grid (10 classes).
 VAL_PER_CLASS = 200
 #: Wall seconds per epoch of each cell at the demo scale, as the default grid ran on this
@@ -1106,9 +1103,11 @@ def parse_args(argv=None):
     ap.add_argument("--out", help="run folder of the grid (default runs/table2_<scale>)")
     ap.add_argument("--epochs", type=int, help="epochs of every cell (default: the configs'); "
                     "the step epochs keep their fractions of training")
-    ap.add_argument("--last-epochs", dest="last", type=int, help="a run's top-1 is the mean "
-                    "of its last N validated epochs (default 1: the last epoch; table2.md "
-                    "compares its spread with the mean of the last 2)")
+    # the last epoch by default: at the demo scale the mean of the last 2 gave the same
+    # spread over seeds (docs/reproducing.md)
+    ap.add_argument("--last-epochs", dest="last", type=int, default=1, help="a run's top-1 "
+                    "is the mean of its last N validated epochs (default 1: the last epoch; "
+                    "table2.md compares its spread with the mean of the last 2)")
     ap.add_argument("--nproc", type=int, default=0, help="run each cell under torchrun with "
                     "this many processes (reduced to a divisor of its #GPUs); 0: one process")
     ap.add_argument("--jobs", type=int, help="cells trained at once, each with cores/jobs "
@@ -1137,8 +1136,6 @@ def run(args, argv: Sequence[str]) -> int:
     if args.jobs is None:
         args.jobs = 2 if args.scale == "demo" and (os.cpu_count() or 1) >= 2 and \
             not args.nproc else 1
-    if args.last is None:
-        args.last = DEFAULT_LAST_EPOCHS[args.scale]
     _check(args)
     out = os.path.abspath(args.out or os.path.join(ROOT, "runs", f"table2_{args.scale}"))
     extra = args.extra_seeds if args.extra_seeds is not None else \
