@@ -328,12 +328,16 @@ class Trainer:
             raise ValueError("log.ratio_figures is true but matplotlib is not installed: pip "
                              "install matplotlib, or pass log.ratio_figures=false")
         _quiet_tensorboard_threads()
-        with naming(self.tb_dir, "the TensorBoard events"):
+        with self._tensorboard_writes():
             return SummaryWriter(self.tb_dir, purge_step=self.global_step)
 
     @property
     def tb_dir(self) -> str:
         return os.path.join(self.out, "tb")
+
+    def _tensorboard_writes(self):
+        """A failed TensorBoard write (a full disk) as one line naming the events folder."""
+        return naming(self.tb_dir, "the TensorBoard events")
 
     # -- logging ---------------------------------------------------------------------------------
     def log(self, msg: str):
@@ -342,7 +346,7 @@ class Trainer:
 
     def _scalar(self, tag: str, value: float, step: int):
         if self.writer is not None:
-            with naming(self.tb_dir, "the TensorBoard events"):
+            with self._tensorboard_writes():
                 self.writer.add_scalar(tag, value, step)
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -571,7 +575,7 @@ class Trainer:
         if self.writer is not None and self.cfg.log.ratio_figures:
             from analysis import ratio_figures  # matplotlib: imported only when needed
             for tag, figure in ratio_figures(self.model, f"epoch {self.epoch}").items():
-                with naming(self.tb_dir, "the TensorBoard events"):
+                with self._tensorboard_writes():
                     self.writer.add_figure(tag, figure, self.epoch)
 
     def _print_epoch(self, metrics: dict, after: float):
